@@ -159,9 +159,12 @@ impl PacketDecoder {
         };
         let total = header.record_len + TRAILER_LEN;
         if self.buf.len() < total {
-            // Reserve for the rest of this packet only once its bytes start
-            // arriving, and never more than the validated record length.
-            self.buf.reserve(total - self.buf.len());
+            // Grow towards the rest of this packet no faster than its bytes
+            // arrive (at most doubling what is held), never on the strength
+            // of the length field alone: a 16-byte header announcing a
+            // large record must not cost a large allocation.
+            let missing = total - self.buf.len();
+            self.buf.reserve(missing.min(self.buf.len()));
             return Ok(None);
         }
         let record = self.buf.split_to(header.record_len).freeze();
@@ -266,6 +269,21 @@ mod tests {
         let mut d = PacketDecoder::new();
         d.push(&wire);
         assert!(matches!(d.next_packet(), Err(FrameError::RecordCrc { id: 7, .. })));
+    }
+
+    #[test]
+    fn a_header_alone_does_not_allocate_its_record() {
+        let mut header = Vec::new();
+        header.extend_from_slice(&1u64.to_be_bytes());
+        header.extend_from_slice(&(RECORD_LEN_MAX as u32).to_be_bytes());
+        header.extend_from_slice(&wire_crc(&header).to_le_bytes());
+        let mut d = PacketDecoder::new();
+        d.push(&header);
+        assert_eq!(d.next_packet(), Ok(None));
+        assert!(d.buf.capacity() <= 4096, "{} bytes reserved after a header", d.buf.capacity());
+        d.push(&[0u8; 1000]);
+        assert_eq!(d.next_packet(), Ok(None));
+        assert!(d.buf.capacity() <= 64 << 10, "{} bytes reserved after 1000", d.buf.capacity());
     }
 
     #[test]

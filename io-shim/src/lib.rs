@@ -1,1 +1,8 @@
+//! The real runtime of kivaloo's nodes: tokio sockets (unix and TCP), real
+//! files with fsync on threads, signals, daemonizing; and the daemons built
+//! on it. See `DESIGN.md` in this crate for one line per module.
 
+pub mod addr;
+pub mod daemon;
+pub mod disk;
+pub mod runtime;

@@ -1,0 +1,152 @@
+//! Socket addresses as kivaloo's daemons take them: a path (unix socket),
+//! `host:port`, or `[ip]:port`; and the listener and stream for each.
+
+use std::io;
+use std::path::PathBuf;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// Where a daemon listens or a client connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketAddr {
+    /// A unix-domain socket at this path.
+    Unix(PathBuf),
+    /// A TCP address, `host:port` or `[ip]:port`, resolved when used.
+    Tcp(String),
+}
+
+impl SocketAddr {
+    /// Parses kivaloo's socket syntax: anything ending in `:<port>` that
+    /// does not contain a `/` is TCP; everything else is a unix path.
+    pub fn parse(s: &str) -> SocketAddr {
+        if !s.contains('/') {
+            if let Some((host, port)) = s.rsplit_once(':') {
+                if !host.is_empty() && port.parse::<u16>().is_ok() {
+                    return SocketAddr::Tcp(s.to_string());
+                }
+            }
+        }
+        SocketAddr::Unix(PathBuf::from(s))
+    }
+
+    /// The default pidfile: `<socket>.pid`.
+    pub fn default_pidfile(&self) -> PathBuf {
+        match self {
+            SocketAddr::Unix(p) => {
+                let mut s = p.clone().into_os_string();
+                s.push(".pid");
+                PathBuf::from(s)
+            }
+            SocketAddr::Tcp(s) => PathBuf::from(format!("{s}.pid")),
+        }
+    }
+}
+
+impl std::fmt::Display for SocketAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SocketAddr::Unix(p) => write!(f, "{}", p.display()),
+            SocketAddr::Tcp(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A bound listener of either kind.
+#[derive(Debug)]
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+/// A connected byte stream of either kind.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+impl Listener {
+    /// Binds `addr`. A stale unix socket file (one nobody listens on) is
+    /// replaced; a live one is an error.
+    ///
+    /// # Errors
+    /// The address is in use, cannot be resolved, or cannot be bound.
+    pub async fn bind(addr: &SocketAddr) -> io::Result<Listener> {
+        match addr {
+            SocketAddr::Unix(path) => {
+                if path.exists() {
+                    if UnixStream::connect(path).await.is_ok() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            format!("{} is in use by a running server", path.display()),
+                        ));
+                    }
+                    std::fs::remove_file(path)?;
+                }
+                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+            }
+            SocketAddr::Tcp(s) => {
+                let l = TcpListener::bind(s.as_str()).await?;
+                Ok(Listener::Tcp(l))
+            }
+        }
+    }
+
+    /// Accepts one connection; returns the stream and a description of the
+    /// peer for logs.
+    ///
+    /// # Errors
+    /// As the operating system reports.
+    pub async fn accept(&self) -> io::Result<(Box<dyn Stream>, String)> {
+        match self {
+            Listener::Unix(l, path) => {
+                let (s, _) = l.accept().await?;
+                Ok((Box::new(s), format!("unix:{}", path.display())))
+            }
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                Ok((Box::new(s), format!("tcp:{peer}")))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    /// A unix listener removes its socket file, so that a stopped daemon
+    /// leaves nothing behind.
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Connects to `addr`.
+///
+/// # Errors
+/// As the operating system reports.
+pub async fn connect(addr: &SocketAddr) -> io::Result<Box<dyn Stream>> {
+    match addr {
+        SocketAddr::Unix(p) => Ok(Box::new(UnixStream::connect(p).await?)),
+        SocketAddr::Tcp(s) => {
+            let st = TcpStream::connect(s.as_str()).await?;
+            st.set_nodelay(true)?;
+            Ok(Box::new(st))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kivaloo_socket_syntax() {
+        assert_eq!(SocketAddr::parse("/tmp/lbs.sock"), SocketAddr::Unix("/tmp/lbs.sock".into()));
+        assert_eq!(SocketAddr::parse("lbs.sock"), SocketAddr::Unix("lbs.sock".into()));
+        assert_eq!(SocketAddr::parse("localhost:7000"), SocketAddr::Tcp("localhost:7000".into()));
+        assert_eq!(SocketAddr::parse("[::1]:7000"), SocketAddr::Tcp("[::1]:7000".into()));
+        assert_eq!(SocketAddr::parse("./a:1"), SocketAddr::Unix("./a:1".into()));
+        assert_eq!(SocketAddr::parse("a:notaport"), SocketAddr::Unix("a:notaport".into()));
+        assert_eq!(SocketAddr::parse("/s").default_pidfile(), PathBuf::from("/s.pid"));
+    }
+}
