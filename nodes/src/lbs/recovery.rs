@@ -56,7 +56,7 @@ pub fn tail_slots_to_read(batch_blocks_max: u64) -> u64 {
 pub fn find_durable_end(region: &TailRegion, bytes: &[u8]) -> Result<TailVerdict, String> {
     let rec_len = record_len(region.block_size) as usize;
     let whole_slots = (bytes.len() / rec_len) as u64;
-    let partial = bytes.len() % rec_len != 0;
+    let partial = !bytes.len().is_multiple_of(rec_len);
     let first = region.region_first_block;
     let slot = |i: u64| -> Option<BatchPlace> {
         let off = (i * rec_len as u64) as usize;
