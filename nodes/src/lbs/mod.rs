@@ -130,14 +130,14 @@ struct ReadAcc {
 enum Op {
     List,
     OpenExisting { idx: usize },
-    ReadHeader { idx: usize },
+    ReadHeader { idx: usize, acc: ReadAcc },
     ReadTail { acc: ReadAcc, region: TailRegion, header_ok: bool },
     RemoveDamagedNewest,
     SyncDirAfterRemoveDamaged,
     TruncateTail,
     SyncTail,
     CreateFirst,
-    WriteFirstHeader { data: Bytes },
+    WriteFirstHeader { offset: u64, data: Bytes },
     SyncFirstFile,
     SyncFirstDir,
     Get { conn: ConnId, req_id: u64, block: u64, file_first: u64, issued_at: Instant, acc: ReadAcc },
@@ -153,6 +153,9 @@ struct Recovery {
     files: Vec<(u64, String)>,
     lens: Vec<u64>,
     durable_end: u64,
+    /// The first block of a store created because the directory holds no
+    /// file: 0, or past any file removed as never durable.
+    first_block_if_empty: u64,
 }
 
 #[derive(Debug)]
@@ -266,6 +269,7 @@ impl LbsNode {
             return;
         }
         self.phase = Phase::Stopped;
+        self.delayed.clear();
         if let Some(c) = self.conn.take() {
             self.outputs.push_back(Output::Close { conn: c.id, reason: "lbs is stopping".into() });
         }
@@ -292,7 +296,7 @@ impl LbsNode {
                 self.recovery().files = files;
                 self.recovery().lens.clear();
                 if self.recovery().files.is_empty() {
-                    let name = layout::file_name(0);
+                    let name = layout::file_name(self.recovery().first_block_if_empty);
                     self.log(LogLevel::Info, format!("lbs: creating a new store with {bs}-byte blocks"));
                     self.disk(Op::CreateFirst, DiskOp::Open { name, create: true });
                 } else {
@@ -310,14 +314,17 @@ impl LbsNode {
                     self.read_header(0);
                 }
             }
-            (Op::ReadHeader { idx }, Ok(DiskDone::Read(bytes))) => self.on_header(idx, &bytes),
-            (Op::ReadTail { mut acc, region, header_ok }, Ok(DiskDone::Read(bytes))) => {
-                let eof = bytes.is_empty();
-                acc.got.extend_from_slice(&bytes);
-                if !eof && (acc.got.len() as u64) < acc.want {
+            (Op::ReadHeader { idx, mut acc }, Ok(DiskDone::Read(bytes))) => {
+                if !acc.absorb(&bytes) {
                     let op = read_rest(&acc);
-                    self.disk(Op::ReadTail { acc, region, header_ok }, op);
-                    return;
+                    return self.disk(Op::ReadHeader { idx, acc }, op);
+                }
+                self.on_header(idx, &acc.got);
+            }
+            (Op::ReadTail { mut acc, region, header_ok }, Ok(DiskDone::Read(bytes))) => {
+                if !acc.absorb(&bytes) {
+                    let op = read_rest(&acc);
+                    return self.disk(Op::ReadTail { acc, region, header_ok }, op);
                 }
                 self.on_tail(region, header_ok, &acc.got);
             }
@@ -339,24 +346,23 @@ impl LbsNode {
             }
             (Op::SyncTail, Ok(_)) => self.finish_recovery(),
             (Op::CreateFirst, Ok(_)) => {
+                let first = self.recovery().first_block_if_empty;
                 let mut header = BytesMut::new();
-                layout::put_file_header(&mut header, bs, 0);
+                layout::put_file_header(&mut header, bs, first);
                 let data = header.freeze();
-                let name = layout::file_name(0);
-                self.disk(
-                    Op::WriteFirstHeader { data: data.clone() },
-                    DiskOp::Write { name, offset: 0, data },
-                );
+                let name = layout::file_name(first);
+                let op = DiskOp::Write { name, offset: 0, data: data.clone() };
+                self.disk(Op::WriteFirstHeader { offset: 0, data }, op);
             }
-            (Op::WriteFirstHeader { data }, Ok(DiskDone::Written { len_bytes })) => {
-                let name = layout::file_name(0);
+            (Op::WriteFirstHeader { offset, data }, Ok(DiskDone::Written { len_bytes })) => {
+                let name = layout::file_name(self.recovery().first_block_if_empty);
                 if len_bytes < data.len() as u64 {
                     if len_bytes == 0 {
                         return self.exit(format!("writing the header of {name} made no progress"));
                     }
-                    let rest = data.slice(len_bytes as usize..);
-                    let op = DiskOp::Write { name, offset: len_bytes, data: rest.clone() };
-                    return self.disk(Op::WriteFirstHeader { data: rest }, op);
+                    let (offset, data) = (offset + len_bytes, data.slice(len_bytes as usize..));
+                    let op = DiskOp::Write { name, offset, data: data.clone() };
+                    return self.disk(Op::WriteFirstHeader { offset, data }, op);
                 }
                 if self.cfg.fsync {
                     self.disk(Op::SyncFirstFile, DiskOp::SyncFile { name });
@@ -375,7 +381,9 @@ impl LbsNode {
 
     fn read_header(&mut self, idx: usize) {
         let name = self.recovery().files[idx].1.clone();
-        self.disk(Op::ReadHeader { idx }, DiskOp::Read { name, offset: 0, len: FILE_HEADER_LEN as u32 });
+        let acc = ReadAcc { name, offset: 0, want: FILE_HEADER_LEN, got: BytesMut::new() };
+        let op = read_rest(&acc);
+        self.disk(Op::ReadHeader { idx, acc }, op);
     }
 
     fn on_header(&mut self, idx: usize, bytes: &[u8]) {
@@ -447,7 +455,10 @@ impl LbsNode {
                 ));
             }
             // Created for a batch that never became durable: nothing in it
-            // was acknowledged.
+            // was acknowledged. Should it be the only file, the store starts
+            // again at its first block, so that no block number is reused.
+            let r = self.recovery();
+            r.first_block_if_empty = r.first_block_if_empty.max(first);
             self.log(LogLevel::Warn, format!("lbs: removing {name}, a new file whose first write was torn"));
             return self.disk(Op::RemoveDamagedNewest, DiskOp::Remove { name });
         }
@@ -468,8 +479,10 @@ impl LbsNode {
     }
 
     fn created_first(&mut self) {
-        self.recovery().files = vec![(0, layout::file_name(0))];
-        self.recovery().durable_end = 0;
+        let r = self.recovery();
+        let first = r.first_block_if_empty;
+        r.files = vec![(first, layout::file_name(first))];
+        r.durable_end = first;
         self.finish_recovery();
     }
 
@@ -810,9 +823,7 @@ impl LbsNode {
         let record = if acc.got.is_empty() && bytes.len() as u64 == acc.want {
             bytes
         } else {
-            let eof = bytes.is_empty();
-            acc.got.extend_from_slice(&bytes);
-            if !eof && (acc.got.len() as u64) < acc.want {
+            if !acc.absorb(&bytes) {
                 let op = read_rest(&acc);
                 return self.disk(Op::Get { conn, req_id, block, file_first, issued_at, acc }, op);
             }
@@ -920,6 +931,15 @@ impl LbsNode {
                 self.outputs.push_back(Output::Send { conn: c.id, data });
             }
         }
+    }
+}
+
+impl ReadAcc {
+    /// Adds the bytes of one read; true once the read is whole or the file
+    /// ended (an empty read).
+    fn absorb(&mut self, bytes: &[u8]) -> bool {
+        self.got.extend_from_slice(bytes);
+        bytes.is_empty() || self.got.len() as u64 >= self.want
     }
 }
 

@@ -1,0 +1,180 @@
+//! An in-memory disk for driving nodes in tests: a directory of files, each
+//! with what the process sees (the page cache) and what survives a crash,
+//! plus durable and current directory entries. It executes every
+//! [`DiskOp`] of the sans-IO contract, can crash (keeping only durable
+//! state, or a torn prefix of one file's unsynced tail), rot bytes, fail the
+//! next operation of a given kind, and return short reads and writes.
+
+// Shared scaffolding: not every test binary uses every helper.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use kivaloo::contract::{DiskDone, DiskError, DiskErrorKind, DiskOp};
+use std::collections::BTreeMap;
+
+/// One file (an inode): its contents as seen by the process, and as synced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemFile {
+    /// What reads see (the page cache).
+    pub data: Vec<u8>,
+    /// What survives a crash.
+    pub durable: Vec<u8>,
+}
+
+/// A directory of files in memory. Names point to inodes, so a file removed
+/// (but not durably) comes back after a crash with its durable contents.
+#[derive(Debug, Clone, Default)]
+pub struct MemDisk {
+    inodes: Vec<MemFile>,
+    /// Current directory entries: name -> inode.
+    current: BTreeMap<String, usize>,
+    /// Entries as of the last directory sync.
+    durable_dir: BTreeMap<String, usize>,
+    /// Failures to inject: (verb of the op, kind), each used once.
+    faults: Vec<(&'static str, DiskErrorKind)>,
+    /// Return at most half the bytes asked for by each Read and Write.
+    pub short_io: bool,
+}
+
+fn err(kind: DiskErrorKind, message: impl Into<String>) -> DiskError {
+    DiskError { kind, message: message.into() }
+}
+
+impl MemDisk {
+    /// An empty directory.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.current.keys().cloned().collect()
+    }
+
+    /// The names that would survive a crash, sorted.
+    pub fn durable_names(&self) -> Vec<String> {
+        self.durable_dir.keys().cloned().collect()
+    }
+
+    /// The file currently named `name`.
+    pub fn file(&self, name: &str) -> Option<&MemFile> {
+        self.current.get(name).map(|&i| &self.inodes[i])
+    }
+
+    /// Makes the next operation whose [`DiskOp::verb`] is `verb` fail with `kind`.
+    pub fn fail_next(&mut self, verb: &'static str, kind: DiskErrorKind) {
+        self.faults.push((verb, kind));
+    }
+
+    /// Flips bits (`mask`) of the byte at `offset` of file `name`, both in the
+    /// page cache and on the medium (bit rot).
+    pub fn flip(&mut self, name: &str, offset: usize, mask: u8) {
+        let f = &mut self.inodes[self.current[name]];
+        assert!(offset < f.data.len() || offset < f.durable.len(), "flip past the end of {name}");
+        for v in [&mut f.data, &mut f.durable] {
+            if let Some(b) = v.get_mut(offset) {
+                *b ^= mask;
+            }
+        }
+    }
+
+    /// The disk after a crash: only durable names, with durable contents.
+    pub fn crash(&self) -> MemDisk {
+        let mut out = MemDisk { short_io: self.short_io, ..MemDisk::default() };
+        for (name, &ino) in &self.durable_dir {
+            let durable = self.inodes[ino].durable.clone();
+            out.current.insert(name.clone(), out.inodes.len());
+            out.durable_dir.insert(name.clone(), out.inodes.len());
+            out.inodes.push(MemFile { data: durable.clone(), durable });
+        }
+        out
+    }
+
+    /// A crash that tears the unsynced tail of `name`: its durable contents
+    /// plus the first `n_bytes` of what was written after them survive.
+    pub fn crash_keeping_unsynced_prefix(&self, name: &str, n_bytes: usize) -> MemDisk {
+        let mut d = self.clone();
+        let f = &mut d.inodes[d.current[name]];
+        assert!(f.data.starts_with(&f.durable), "{name}: unsynced data is not an append");
+        let end = (f.durable.len() + n_bytes).min(f.data.len());
+        f.durable = f.data[..end].to_vec();
+        d.crash()
+    }
+
+    fn take_fault(&mut self, op: &DiskOp) -> Option<DiskError> {
+        let i = self.faults.iter().position(|(verb, _)| *verb == op.verb())?;
+        let (verb, kind) = self.faults.remove(i);
+        Some(err(kind, format!("injected failure of {verb}")))
+    }
+
+    fn inode(&mut self, name: &str) -> Result<&mut MemFile, DiskError> {
+        match self.current.get(name) {
+            Some(&i) => Ok(&mut self.inodes[i]),
+            None => Err(err(DiskErrorKind::NotFound, format!("{name}: no such file"))),
+        }
+    }
+
+    /// Executes one operation.
+    pub fn execute(&mut self, op: &DiskOp) -> Result<DiskDone, DiskError> {
+        if let Some(e) = self.take_fault(op) {
+            if let DiskOp::SyncFile { name } = op {
+                // As Linux does: the dirty pages are dropped, the error is
+                // reported once.
+                if let Ok(f) = self.inode(name) {
+                    f.data = f.durable.clone();
+                }
+            }
+            return Err(e);
+        }
+        let short = self.short_io;
+        match op {
+            DiskOp::List => Ok(DiskDone::Listed(self.names())),
+            DiskOp::Open { name, create } => {
+                if !self.current.contains_key(name) {
+                    if !create {
+                        return Err(err(DiskErrorKind::NotFound, format!("{name}: no such file")));
+                    }
+                    self.current.insert(name.clone(), self.inodes.len());
+                    self.inodes.push(MemFile::default());
+                }
+                Ok(DiskDone::Opened { len_bytes: self.inode(name)?.data.len() as u64 })
+            }
+            DiskOp::Read { name, offset, len } => {
+                let f = self.inode(name)?;
+                let start = (*offset as usize).min(f.data.len());
+                let mut n = (*len as usize).min(f.data.len() - start);
+                if short && n > 1 {
+                    n /= 2;
+                }
+                Ok(DiskDone::Read(Bytes::copy_from_slice(&f.data[start..start + n])))
+            }
+            DiskOp::Write { name, offset, data } => {
+                let f = self.inode(name)?;
+                let n = if short && data.len() > 1 { data.len() / 2 } else { data.len() };
+                let start = *offset as usize;
+                if f.data.len() < start + n {
+                    f.data.resize(start + n, 0);
+                }
+                f.data[start..start + n].copy_from_slice(&data[..n]);
+                Ok(DiskDone::Written { len_bytes: n as u64 })
+            }
+            DiskOp::Truncate { name, len } => {
+                self.inode(name)?.data.resize(*len as usize, 0);
+                Ok(DiskDone::Done)
+            }
+            DiskOp::SyncFile { name } => {
+                let f = self.inode(name)?;
+                f.durable = f.data.clone();
+                Ok(DiskDone::Done)
+            }
+            DiskOp::SyncDir => {
+                self.durable_dir = self.current.clone();
+                Ok(DiskDone::Done)
+            }
+            DiskOp::Remove { name } => match self.current.remove(name) {
+                Some(_) => Ok(DiskDone::Done),
+                None => Err(err(DiskErrorKind::NotFound, format!("{name}: no such file"))),
+            },
+        }
+    }
+}
