@@ -120,7 +120,10 @@ fn params_append_get_free_against_the_real_daemon() {
     let append = LbsRequest::Append { count: 3, start: 0, data: Bytes::from(data) };
     assert_eq!(c.call(2, &append), LbsResponse::Append(Some(3)));
     for b in 0..3 {
-        assert_eq!(c.call(10 + b, &LbsRequest::Get { block: b }), LbsResponse::Get(Some(block_bytes(b, 512).into())));
+        assert_eq!(
+            c.call(10 + b, &LbsRequest::Get { block: b }),
+            LbsResponse::Get(Some(block_bytes(b, 512).into()))
+        );
     }
     assert_eq!(c.call(20, &LbsRequest::Get { block: 3 }), LbsResponse::Get(None));
     // A wrong start block is refused and the connection stays usable.
@@ -177,7 +180,9 @@ fn kill_9_during_appends_loses_nothing_acknowledged() {
         for b in acked_end..next_block {
             match c.call(200_000 + b, &LbsRequest::Get { block: b }) {
                 LbsResponse::Get(None) => {}
-                LbsResponse::Get(Some(d)) => assert_eq!(d, Bytes::from(block_bytes(b, BS)), "unacked block {b}"),
+                LbsResponse::Get(Some(d)) => {
+                    assert_eq!(d, Bytes::from(block_bytes(b, BS)), "unacked block {b}")
+                }
                 other => panic!("{other:?}"),
             }
         }
@@ -229,7 +234,10 @@ fn kill_9_during_appends_loses_nothing_acknowledged() {
     let daemon = store.start(BS);
     let mut c = store.connect();
     for b in 0..acked_end {
-        assert_eq!(c.call(b, &LbsRequest::Get { block: b }), LbsResponse::Get(Some(block_bytes(b, BS).into())));
+        assert_eq!(
+            c.call(b, &LbsRequest::Get { block: b }),
+            LbsResponse::Get(Some(block_bytes(b, BS).into()))
+        );
     }
     kill9(daemon);
 }
