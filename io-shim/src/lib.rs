@@ -3,6 +3,7 @@
 //! on it. See `DESIGN.md` in this crate for one line per module.
 
 pub mod addr;
+pub mod conn;
 pub mod daemon;
 pub mod disk;
 pub mod runtime;

@@ -6,23 +6,15 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use kivaloo::contract::{ConnClosed, ConnId, ExitReason, Input, Instant, LogLevel, Node, Output};
+use kivaloo::contract::{ConnId, ExitReason, Input, Instant, LogLevel, Node, Output};
 
-use crate::addr::{Listener, Stream};
+use crate::addr::Listener;
+use crate::conn::{ConnEvent, ConnHandle};
 use crate::disk::DiskExecutor;
-
-/// Bytes read from a socket at once.
-pub const READ_CHUNK_BYTES: usize = 64 << 10;
-/// Bytes queued for sending on one connection before the driver stops
-/// reading from it until the peer catches up (transport flow control).
-pub const SEND_QUEUE_BYTES_MAX: usize = 16 << 20;
 
 /// How the event loop runs a node.
 pub struct RunOptions {
@@ -46,29 +38,6 @@ pub fn log(name: &str, level: LogLevel, message: &str) {
         LogLevel::Error => "error",
     };
     eprintln!("{name}: {tag}: {message}");
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Flow {
-    read_enabled: bool,
-    queued_bytes: usize,
-}
-
-enum WriterMsg {
-    Data(Bytes),
-    Close,
-}
-
-struct ConnHandle {
-    peer: String,
-    writer: mpsc::UnboundedSender<WriterMsg>,
-    flow: Arc<watch::Sender<Flow>>,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-enum ConnEvent {
-    Received(ConnId, Bytes),
-    Closed(ConnId, ConnClosed),
 }
 
 /// Runs `node` until it exits (its reason is returned) or SIGINT/SIGTERM
@@ -95,21 +64,18 @@ pub async fn run_node<N: Node>(mut node: N, listener: Listener, mut opts: RunOpt
             match output {
                 Output::Send { conn, data } => {
                     if let Some(h) = conns.get(&conn) {
-                        let len = data.len();
-                        h.flow.send_modify(|f| f.queued_bytes += len);
-                        let _ = h.writer.send(WriterMsg::Data(data));
+                        h.send(data);
                     }
                 }
                 Output::Close { conn, reason } => {
                     if let Some(h) = conns.remove(&conn) {
                         log(name, LogLevel::Warn, &format!("dropping {conn} ({}): {reason}", h.peer));
-                        h.reader.abort();
-                        let _ = h.writer.send(WriterMsg::Close);
+                        h.close();
                     }
                 }
                 Output::ReadInterest { conn, enabled } => {
                     if let Some(h) = conns.get(&conn) {
-                        h.flow.send_modify(|f| f.read_enabled = enabled);
+                        h.set_read_enabled(enabled);
                     }
                 }
                 Output::Accepting(on) => {
@@ -133,10 +99,18 @@ pub async fn run_node<N: Node>(mut node: N, listener: Listener, mut opts: RunOpt
             .map(|t| tokio::time::Instant::from_std(clock_origin + std::time::Duration::from_nanos(t.nanos)));
         let accept_now = accepting && !(opts.exit_after_one_connection && served_a_connection);
         tokio::select! {
-            Some((id, result)) = disk_rx.recv() => node.handle_input(now(), Input::Disk { id, result }),
+            Some((id, result)) = disk_rx.recv() => {
+                node.handle_input(now(), Input::Disk { id, result });
+                // Take every completion already there before acting on the
+                // outputs, so that their responses leave in one write.
+                while let Ok((id, result)) = disk_rx.try_recv() {
+                    node.handle_input(now(), Input::Disk { id, result });
+                }
+            }
             Some(event) = event_rx.recv() => match event {
                 ConnEvent::Received(conn, data) => {
-                    if conns.contains_key(&conn) {
+                    if let Some(h) = conns.get(&conn) {
+                        h.chunk_delivered();
                         node.handle_input(now(), Input::Received { conn, data });
                     }
                 }
@@ -151,7 +125,7 @@ pub async fn run_node<N: Node>(mut node: N, listener: Listener, mut opts: RunOpt
                     let conn = ConnId(next_conn_id);
                     next_conn_id += 1;
                     served_a_connection = true;
-                    conns.insert(conn, spawn_connection(conn, stream, peer, event_tx.clone()));
+                    conns.insert(conn, ConnHandle::spawn(conn, stream, peer, event_tx.clone()));
                     node.handle_input(now(), Input::Accepted { conn });
                 }
                 Err(e) => log(name, LogLevel::Warn, &format!("accept failed: {e}")),
@@ -163,61 +137,6 @@ pub async fn run_node<N: Node>(mut node: N, listener: Listener, mut opts: RunOpt
             _ = sigint.recv() => return ExitReason { failure: false, message: "stopping on SIGINT".into() },
         }
     }
-}
-
-fn spawn_connection(
-    conn: ConnId,
-    stream: Box<dyn Stream>,
-    peer: String,
-    events: mpsc::UnboundedSender<ConnEvent>,
-) -> ConnHandle {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let flow = Arc::new(watch::channel(Flow { read_enabled: true, queued_bytes: 0 }).0);
-    let mut flow_rx = flow.subscribe();
-    let reader_events = events.clone();
-    let reader = tokio::spawn(async move {
-        loop {
-            if flow_rx.wait_for(|f| f.read_enabled && f.queued_bytes <= SEND_QUEUE_BYTES_MAX).await.is_err() {
-                return;
-            }
-            let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
-            match rd.read_buf(&mut buf).await {
-                Ok(0) => {
-                    let _ = reader_events.send(ConnEvent::Closed(conn, ConnClosed::PeerClosed));
-                    return;
-                }
-                Ok(_) => {
-                    if reader_events.send(ConnEvent::Received(conn, buf.freeze())).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = reader_events.send(ConnEvent::Closed(conn, ConnClosed::Failed(e.to_string())));
-                    return;
-                }
-            }
-        }
-    });
-    let (writer_tx, mut writer_rx) = mpsc::unbounded_channel::<WriterMsg>();
-    let writer_flow = flow.clone();
-    tokio::spawn(async move {
-        while let Some(msg) = writer_rx.recv().await {
-            match msg {
-                WriterMsg::Data(data) => {
-                    if let Err(e) = wr.write_all(&data).await {
-                        let _ = events.send(ConnEvent::Closed(conn, ConnClosed::Failed(e.to_string())));
-                        return;
-                    }
-                    writer_flow.send_modify(|f| f.queued_bytes -= data.len());
-                }
-                WriterMsg::Close => {
-                    let _ = wr.shutdown().await;
-                    return;
-                }
-            }
-        }
-    });
-    ConnHandle { peer, writer: writer_tx, flow, reader }
 }
 
 /// Builds the single-threaded tokio runtime every daemon runs on.

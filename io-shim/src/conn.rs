@@ -1,0 +1,182 @@
+//! One connection's two tasks: a reader that hands received chunks to the
+//! event loop, and a writer that sends what the node sends, coalescing
+//! whatever is queued into one write. Flow control lives here (see the
+//! bounds in `DESIGN.md`): the reader reads only while the node wants bytes,
+//! fewer than [`RECEIVED_CHUNKS_IN_FLIGHT_MAX`] chunks wait for the node, and
+//! no more than [`SEND_QUEUE_BYTES_MAX`] bytes wait to be sent.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+
+use kivaloo::contract::{ConnClosed, ConnId};
+
+use crate::addr::Stream;
+
+/// Bytes read from a socket at once.
+pub const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Bytes queued for sending on one connection before the driver stops
+/// reading from it until the peer catches up.
+pub const SEND_QUEUE_BYTES_MAX: usize = 16 << 20;
+/// Chunks read from one connection and not yet handed to the node.
+pub const RECEIVED_CHUNKS_IN_FLIGHT_MAX: usize = 2;
+/// The most bytes the writer gathers into one write.
+pub const WRITE_GATHER_BYTES_MAX: usize = 1 << 20;
+
+/// What a connection's tasks tell the event loop.
+pub enum ConnEvent {
+    /// A chunk arrived; hand it to the node, then call
+    /// [`ConnHandle::chunk_delivered`].
+    Received(ConnId, Bytes),
+    /// The connection ended from the peer's side or the transport's.
+    Closed(ConnId, ConnClosed),
+}
+
+enum WriterMsg {
+    Data(Bytes),
+    Close,
+}
+
+/// State shared by the event loop and the connection's tasks.
+#[derive(Default)]
+struct Shared {
+    read_enabled: AtomicBool,
+    queued_bytes: AtomicUsize,
+    received_chunks: AtomicUsize,
+    /// Wakes the reader when one of the above may now allow reading.
+    reader_wake: Notify,
+}
+
+impl Shared {
+    fn may_read(&self) -> bool {
+        self.read_enabled.load(Ordering::Acquire)
+            && self.queued_bytes.load(Ordering::Acquire) <= SEND_QUEUE_BYTES_MAX
+            && self.received_chunks.load(Ordering::Acquire) < RECEIVED_CHUNKS_IN_FLIGHT_MAX
+    }
+}
+
+/// The event loop's handle on one connection.
+pub struct ConnHandle {
+    /// The peer, for logs.
+    pub peer: String,
+    writer: mpsc::UnboundedSender<WriterMsg>,
+    shared: Arc<Shared>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl ConnHandle {
+    /// Starts the reader and writer tasks of `stream`.
+    pub fn spawn(
+        conn: ConnId,
+        stream: Box<dyn Stream>,
+        peer: String,
+        events: mpsc::UnboundedSender<ConnEvent>,
+    ) -> ConnHandle {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let shared = Arc::new(Shared::default());
+        shared.read_enabled.store(true, Ordering::Release);
+
+        let reader_shared = shared.clone();
+        let reader_events = events.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                while !reader_shared.may_read() {
+                    reader_shared.reader_wake.notified().await;
+                }
+                let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+                let event = match rd.read_buf(&mut buf).await {
+                    Ok(0) => ConnEvent::Closed(conn, ConnClosed::PeerClosed),
+                    Ok(_) => {
+                        reader_shared.received_chunks.fetch_add(1, Ordering::AcqRel);
+                        ConnEvent::Received(conn, buf.freeze())
+                    }
+                    Err(e) => ConnEvent::Closed(conn, ConnClosed::Failed(e.to_string())),
+                };
+                let last = matches!(event, ConnEvent::Closed(..));
+                if reader_events.send(event).is_err() || last {
+                    return;
+                }
+            }
+        });
+
+        let (writer, mut writer_rx) = mpsc::unbounded_channel::<WriterMsg>();
+        let writer_shared = shared.clone();
+        tokio::spawn(async move {
+            let mut gathered = BytesMut::new();
+            while let Some(first) = writer_rx.recv().await {
+                // Gather what is already queued into one write.
+                let mut close = false;
+                let mut single = None;
+                let mut total = 0;
+                let mut next = Some(first);
+                while let Some(msg) = next.take() {
+                    match msg {
+                        WriterMsg::Close => close = true,
+                        WriterMsg::Data(data) => {
+                            total += data.len();
+                            match single.take() {
+                                None if gathered.is_empty() => single = Some(data),
+                                prev => {
+                                    if let Some(p) = prev {
+                                        gathered.extend_from_slice(&p);
+                                    }
+                                    gathered.extend_from_slice(&data);
+                                }
+                            }
+                        }
+                    }
+                    if !close && total < WRITE_GATHER_BYTES_MAX {
+                        next = writer_rx.try_recv().ok();
+                    }
+                }
+                let result = match &single {
+                    Some(data) => wr.write_all(data).await,
+                    None => wr.write_all(&gathered).await,
+                };
+                gathered.clear();
+                if let Err(e) = result {
+                    let _ = events.send(ConnEvent::Closed(conn, ConnClosed::Failed(e.to_string())));
+                    return;
+                }
+                let before = writer_shared.queued_bytes.fetch_sub(total, Ordering::AcqRel);
+                if before > SEND_QUEUE_BYTES_MAX && before - total <= SEND_QUEUE_BYTES_MAX {
+                    writer_shared.reader_wake.notify_one();
+                }
+                if close {
+                    let _ = wr.shutdown().await;
+                    return;
+                }
+            }
+        });
+        ConnHandle { peer, writer, shared, reader }
+    }
+
+    /// Queues bytes to send.
+    pub fn send(&self, data: Bytes) {
+        self.shared.queued_bytes.fetch_add(data.len(), Ordering::AcqRel);
+        let _ = self.writer.send(WriterMsg::Data(data));
+    }
+
+    /// Turns reading on or off at the node's request.
+    pub fn set_read_enabled(&self, enabled: bool) {
+        self.shared.read_enabled.store(enabled, Ordering::Release);
+        if enabled {
+            self.shared.reader_wake.notify_one();
+        }
+    }
+
+    /// Records that a received chunk was handed to the node.
+    pub fn chunk_delivered(&self) {
+        self.shared.received_chunks.fetch_sub(1, Ordering::AcqRel);
+        self.shared.reader_wake.notify_one();
+    }
+
+    /// Stops reading, sends what is queued, then closes.
+    pub fn close(self) {
+        self.reader.abort();
+        let _ = self.writer.send(WriterMsg::Close);
+    }
+}
