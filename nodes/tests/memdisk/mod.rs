@@ -101,6 +101,68 @@ impl MemDisk {
         d.crash()
     }
 
+    /// A crash at an arbitrary moment, as a real disk and file system may
+    /// leave it: each unsynced 512-byte sector of each file is kept new,
+    /// left old, or torn to garbage; each file's length ends up anywhere
+    /// between its durable and its current length (at a sector boundary or
+    /// at either end); creations and removals not yet made durable by a
+    /// directory sync each happen or not. `pick(n)` returns a random number
+    /// in `0..n`.
+    pub fn crash_random(&self, pick: &mut dyn FnMut(u64) -> u64) -> MemDisk {
+        const SECTOR: usize = 512;
+        let mut d = self.clone();
+        // Directory entries: a name whose entry changed since the last
+        // directory sync ends up with either version.
+        let mut dir = BTreeMap::new();
+        let names: std::collections::BTreeSet<&String> =
+            self.current.keys().chain(self.durable_dir.keys()).collect();
+        for name in names {
+            let (cur, dur) = (self.current.get(name), self.durable_dir.get(name));
+            let keep = match (cur, dur) {
+                (Some(c), Some(x)) if c == x => Some(*c),
+                // Removed and created again since the last directory sync.
+                (Some(c), Some(x)) => Some(if pick(2) == 0 { *c } else { *x }),
+                (Some(c), None) => (pick(2) == 0).then_some(*c),
+                (None, Some(x)) => (pick(2) == 0).then_some(*x),
+                (None, None) => None,
+            };
+            if let Some(ino) = keep {
+                dir.insert(name.clone(), ino);
+            }
+        }
+        for f in &mut d.inodes {
+            let (old, new) = (&f.durable, &f.data);
+            let len = match pick(3) {
+                0 => old.len(),
+                1 => new.len(),
+                _ => {
+                    let (lo, hi) = (old.len().min(new.len()), old.len().max(new.len()));
+                    let sectors = (hi - lo) / SECTOR;
+                    (lo + pick(sectors as u64 + 1) as usize * SECTOR).min(hi)
+                }
+            };
+            let mut out = vec![0u8; len];
+            for start in (0..len).step_by(SECTOR) {
+                let end = (start + SECTOR).min(len);
+                let o = old.get(start..end.min(old.len())).unwrap_or(&[]);
+                let n = new.get(start..end.min(new.len())).unwrap_or(&[]);
+                let sector = &mut out[start..end];
+                if o == n && o.len() == sector.len() {
+                    sector.copy_from_slice(o);
+                    continue;
+                }
+                match pick(3) {
+                    0 if n.len() == sector.len() => sector.copy_from_slice(n),
+                    1 if o.len() == sector.len() => sector.copy_from_slice(o),
+                    _ => sector.iter_mut().for_each(|b| *b = pick(256) as u8),
+                }
+            }
+            f.durable = out;
+        }
+        d.durable_dir = dir;
+        d.crash()
+    }
+
     fn take_fault(&mut self, op: &DiskOp) -> Option<DiskError> {
         let i = self.faults.iter().position(|(verb, _)| *verb == op.verb())?;
         let (verb, kind) = self.faults.remove(i);
