@@ -5,5 +5,6 @@
 pub mod addr;
 pub mod conn;
 pub mod daemon;
+pub mod dir_lock;
 pub mod disk;
 pub mod runtime;

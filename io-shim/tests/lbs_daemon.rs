@@ -317,3 +317,26 @@ fn serves_over_tcp_and_exits_after_one_connection_with_dash_1() {
     let status = daemon.wait().unwrap();
     assert!(status.success(), "-1 exits cleanly after the connection: {status}");
 }
+
+#[test]
+fn a_second_daemon_on_the_same_directory_is_refused() {
+    let store = Store::new();
+    let daemon = store.start(512);
+    let mut c = store.connect();
+    assert!(matches!(c.call(1, &LbsRequest::Params2), LbsResponse::Params2 { .. }));
+    let other_sock = store.sock.with_file_name("other.sock");
+    let out = Command::new(BIN)
+        .args(["-F", "-s"])
+        .arg(&other_sock)
+        .arg("-d")
+        .arg(&store.dir)
+        .args(["-b", "512"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use by another running daemon"), "{stderr}");
+    // The first one still serves.
+    assert!(matches!(c.call(2, &LbsRequest::Params2), LbsResponse::Params2 { .. }));
+    kill9(daemon);
+}

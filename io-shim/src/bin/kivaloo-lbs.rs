@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use kivaloo_io_shim::addr::{Listener, SocketAddr};
 use kivaloo_io_shim::daemon::{daemonize, signal_ready, write_pidfile};
+use kivaloo_io_shim::dir_lock::DirLock;
 use kivaloo_io_shim::runtime::{build_runtime, check_data_dir, log, run_node, RunOptions};
 use kivaloo_nodes::lbs::layout::{BLOCK_SIZE_MAX, BLOCK_SIZE_MIN};
 use kivaloo_nodes::lbs::{LbsConfig, LbsNode};
@@ -63,6 +64,13 @@ fn main() {
         std::process::exit(1);
     }
     let role = daemonize(NAME, flags.foreground);
+    let _lock = match DirLock::acquire(&flags.dir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            eprintln!("{NAME}: error: {e}");
+            std::process::exit(1);
+        }
+    };
     let addr = SocketAddr::parse(&flags.socket);
     let pidfile = flags.pidfile.clone().unwrap_or_else(|| addr.default_pidfile());
     let cfg = LbsConfig {
