@@ -76,6 +76,12 @@ pub enum DiskOp {
     SyncDir,
     /// Remove a file; durable after [`DiskOp::SyncDir`].
     Remove { name: String },
+    /// Drop the file's clean cached pages, so that later reads come from the
+    /// device. After a failed fsync an operating system may keep pages that
+    /// never reached the device, marked clean; a node recovering from that
+    /// must not read them as if they were durable. (Best effort where the
+    /// platform only advises, as `posix_fadvise` does.)
+    DropCache { name: String },
 }
 
 impl DiskOp {
@@ -90,6 +96,7 @@ impl DiskOp {
             DiskOp::SyncFile { .. } => "fsync",
             DiskOp::SyncDir => "fsync-dir",
             DiskOp::Remove { .. } => "remove",
+            DiskOp::DropCache { .. } => "drop-cache",
         }
     }
 }
@@ -105,8 +112,21 @@ pub enum DiskDone {
     Read(Bytes),
     /// [`DiskOp::Write`]: how many bytes were written (possibly fewer).
     Written { len_bytes: u64 },
-    /// Truncate, SyncFile, SyncDir, Remove: done.
+    /// Truncate, SyncFile, SyncDir, Remove, DropCache: done.
     Done,
+}
+
+impl DiskDone {
+    /// A short description for logs (without the data).
+    pub fn describe(&self) -> String {
+        match self {
+            DiskDone::Listed(names) => format!("listed {} names", names.len()),
+            DiskDone::Opened { len_bytes } => format!("opened, {len_bytes} bytes"),
+            DiskDone::Read(data) => format!("read {} bytes", data.len()),
+            DiskDone::Written { len_bytes } => format!("wrote {len_bytes} bytes"),
+            DiskDone::Done => "done".into(),
+        }
+    }
 }
 
 /// What kind of failure a disk operation met.
@@ -157,6 +177,11 @@ pub enum Input {
     /// A connection ended from the peer's side or the transport's. The node
     /// does not send on it again; it gets no `Output::Close` for it.
     Closed { conn: ConnId, reason: ConnClosed },
+    /// `len_bytes` of what the node gave in `Output::Send` on `conn` have
+    /// been handed to the transport. A node counts what it sent and not yet
+    /// heard of here to bound the memory a client that does not read can
+    /// make it (and the driver) hold.
+    Sent { conn: ConnId, len_bytes: u64 },
     /// A disk operation completed.
     Disk { id: DiskOpId, result: Result<DiskDone, DiskError> },
     /// The instant asked for by [`Node::poll_timeout`] has passed.

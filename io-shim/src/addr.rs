@@ -64,22 +64,32 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
 impl Listener {
-    /// Binds `addr`. A stale unix socket file (one nobody listens on) is
-    /// replaced; a live one is an error.
+    /// Binds `addr`. A stale unix socket (a socket file nobody listens on:
+    /// connecting is refused) is replaced; a live one, or a path that is not
+    /// a socket, is an error.
     ///
     /// # Errors
     /// The address is in use, cannot be resolved, or cannot be bound.
     pub async fn bind(addr: &SocketAddr) -> io::Result<Listener> {
         match addr {
             SocketAddr::Unix(path) => {
-                if path.exists() {
-                    if UnixStream::connect(path).await.is_ok() {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if !meta.file_type().is_socket() {
                         return Err(io::Error::new(
-                            io::ErrorKind::AddrInUse,
-                            format!("{} is in use by a running server", path.display()),
+                            io::ErrorKind::AlreadyExists,
+                            format!("{} exists and is not a socket", path.display()),
                         ));
                     }
-                    std::fs::remove_file(path)?;
+                    match UnixStream::connect(path).await {
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)?,
+                        _ => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::AddrInUse,
+                                format!("{} is in use by a running server", path.display()),
+                            ))
+                        }
+                    }
                 }
                 Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
             }

@@ -1,9 +1,9 @@
 //! One connection's two tasks: a reader that hands received chunks to the
 //! event loop, and a writer that sends what the node sends, coalescing
-//! whatever is queued into one write. Flow control lives here (see the
-//! bounds in `DESIGN.md`): the reader reads only while the node wants bytes,
-//! fewer than [`RECEIVED_CHUNKS_IN_FLIGHT_MAX`] chunks wait for the node, and
-//! no more than [`SEND_QUEUE_BYTES_MAX`] bytes wait to be sent.
+//! whatever is queued into one write and reporting what it wrote (the node
+//! bounds what it has sent and not yet seen written). The reader reads only
+//! while the node wants bytes and fewer than
+//! [`RECEIVED_CHUNKS_IN_FLIGHT_MAX`] chunks wait for the node.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,19 +18,21 @@ use crate::addr::Stream;
 
 /// Bytes read from a socket at once.
 pub const READ_CHUNK_BYTES: usize = 64 << 10;
-/// Bytes queued for sending on one connection before the driver stops
-/// reading from it until the peer catches up.
-pub const SEND_QUEUE_BYTES_MAX: usize = 16 << 20;
 /// Chunks read from one connection and not yet handed to the node.
 pub const RECEIVED_CHUNKS_IN_FLIGHT_MAX: usize = 2;
 /// The most bytes the writer gathers into one write.
 pub const WRITE_GATHER_BYTES_MAX: usize = 1 << 20;
+/// After the node closes a connection, how long the writer may take to send
+/// what was queued before it gives up on a peer that does not read.
+pub const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a connection's tasks tell the event loop.
 pub enum ConnEvent {
     /// A chunk arrived; hand it to the node, then call
     /// [`ConnHandle::chunk_delivered`].
     Received(ConnId, Bytes),
+    /// Bytes given to [`ConnHandle::send`] were written to the socket.
+    Sent(ConnId, u64),
     /// The connection ended from the peer's side or the transport's.
     Closed(ConnId, ConnClosed),
 }
@@ -44,7 +46,6 @@ enum WriterMsg {
 #[derive(Default)]
 struct Shared {
     read_enabled: AtomicBool,
-    queued_bytes: AtomicUsize,
     received_chunks: AtomicUsize,
     /// Wakes the reader when one of the above may now allow reading.
     reader_wake: Notify,
@@ -53,7 +54,6 @@ struct Shared {
 impl Shared {
     fn may_read(&self) -> bool {
         self.read_enabled.load(Ordering::Acquire)
-            && self.queued_bytes.load(Ordering::Acquire) <= SEND_QUEUE_BYTES_MAX
             && self.received_chunks.load(Ordering::Acquire) < RECEIVED_CHUNKS_IN_FLIGHT_MAX
     }
 }
@@ -103,7 +103,6 @@ impl ConnHandle {
         });
 
         let (writer, mut writer_rx) = mpsc::unbounded_channel::<WriterMsg>();
-        let writer_shared = shared.clone();
         tokio::spawn(async move {
             let mut gathered = BytesMut::new();
             while let Some(first) = writer_rx.recv().await {
@@ -132,21 +131,30 @@ impl ConnHandle {
                         next = writer_rx.try_recv().ok();
                     }
                 }
-                let result = match &single {
-                    Some(data) => wr.write_all(data).await,
-                    None => wr.write_all(&gathered).await,
+                let write = async {
+                    match &single {
+                        Some(data) => wr.write_all(data).await,
+                        None => wr.write_all(&gathered).await,
+                    }
+                };
+                let result = if close {
+                    match tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, write).await {
+                        Ok(r) => r,
+                        Err(_) => return, // the peer does not read: drop the socket
+                    }
+                } else {
+                    write.await
                 };
                 gathered.clear();
                 if let Err(e) = result {
                     let _ = events.send(ConnEvent::Closed(conn, ConnClosed::Failed(e.to_string())));
                     return;
                 }
-                let before = writer_shared.queued_bytes.fetch_sub(total, Ordering::AcqRel);
-                if before > SEND_QUEUE_BYTES_MAX && before - total <= SEND_QUEUE_BYTES_MAX {
-                    writer_shared.reader_wake.notify_one();
+                if total > 0 && events.send(ConnEvent::Sent(conn, total as u64)).is_err() {
+                    return;
                 }
                 if close {
-                    let _ = wr.shutdown().await;
+                    let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, wr.shutdown()).await;
                     return;
                 }
             }
@@ -156,7 +164,6 @@ impl ConnHandle {
 
     /// Queues bytes to send.
     pub fn send(&self, data: Bytes) {
-        self.shared.queued_bytes.fetch_add(data.len(), Ordering::AcqRel);
         let _ = self.writer.send(WriterMsg::Data(data));
     }
 
@@ -174,9 +181,19 @@ impl ConnHandle {
         self.shared.reader_wake.notify_one();
     }
 
-    /// Stops reading, sends what is queued, then closes.
+    /// Stops reading, sends what is queued (for at most
+    /// [`CLOSE_FLUSH_TIMEOUT`]), then closes.
     pub fn close(self) {
-        self.reader.abort();
         let _ = self.writer.send(WriterMsg::Close);
+        // Dropping `self` stops the reader.
+    }
+}
+
+impl Drop for ConnHandle {
+    /// The reader may be parked waiting for room; stop it, so that it does
+    /// not hold the socket open after the connection is gone. The writer
+    /// ends once its queue is closed (this handle held the only sender).
+    fn drop(&mut self) {
+        self.reader.abort();
     }
 }

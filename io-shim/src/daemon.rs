@@ -3,10 +3,11 @@
 //!
 //! Forking a process that already runs threads is unsafe, so instead the
 //! command starts itself again as a child (same arguments, marked by an
-//! environment variable) in its own process group, with stdin from
-//! /dev/null, stderr shared (logs stay visible, as kivaloo's do), and stdout
-//! a pipe on which the child writes one line when it is ready. The parent
-//! exits 0 on that line, or 1 if the child died first.
+//! environment variable) in a new session (no controlling terminal, so
+//! neither the terminal's signals nor `stty tostop` reach it), with stdin
+//! from /dev/null, stderr shared (logs stay visible, as kivaloo's do), and
+//! stdout a pipe on which the child writes one line when it is ready. The
+//! parent exits 0 on that line, or 1 if the child died first.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -38,15 +39,19 @@ pub fn daemonize(name: &str, foreground: bool) -> Role {
         Ok(e) => e,
         Err(e) => fail(name, &format!("cannot find my own executable to daemonize: {e}")),
     };
-    let mut child = match Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args(std::env::args_os().skip(1))
         .env(CHILD_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .process_group(0)
-        .spawn()
-    {
+        .stderr(Stdio::inherit());
+    // SAFETY: setsid is async-signal-safe, as code between fork and exec
+    // must be; it touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| if libc::setsid() == -1 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+    }
+    let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => fail(name, &format!("cannot start the daemon: {e}")),
     };

@@ -163,6 +163,17 @@ fn run(files: &Files, op: DiskOp) -> io::Result<DiskDone> {
             File::open(&files.dir)?.sync_all()?;
             Ok(DiskDone::Done)
         }
+        DiskOp::DropCache { name } => {
+            let f = files.get(&name, false)?;
+            use std::os::fd::AsRawFd;
+            // SAFETY: posix_fadvise only reads its integer arguments; the
+            // descriptor is valid for as long as `f` lives.
+            let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            Ok(DiskDone::Done)
+        }
         DiskOp::Remove { name } => {
             files.open.lock().expect("files lock").remove(&name);
             std::fs::remove_file(files.path(&name)?)?;

@@ -16,6 +16,9 @@ use crate::addr::Listener;
 use crate::conn::{ConnEvent, ConnHandle};
 use crate::disk::DiskExecutor;
 
+/// How long to wait before accepting again after accept failed.
+pub const ACCEPT_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How the event loop runs a node.
 pub struct RunOptions {
     /// Name for log lines, e.g. "kivaloo-lbs".
@@ -114,6 +117,11 @@ pub async fn run_node<N: Node>(mut node: N, listener: Listener, mut opts: RunOpt
                         node.handle_input(now(), Input::Received { conn, data });
                     }
                 }
+                ConnEvent::Sent(conn, len_bytes) => {
+                    if conns.contains_key(&conn) {
+                        node.handle_input(now(), Input::Sent { conn, len_bytes });
+                    }
+                }
                 ConnEvent::Closed(conn, reason) => {
                     if conns.remove(&conn).is_some() {
                         node.handle_input(now(), Input::Closed { conn, reason });
@@ -128,7 +136,11 @@ pub async fn run_node<N: Node>(mut node: N, listener: Listener, mut opts: RunOpt
                     conns.insert(conn, ConnHandle::spawn(conn, stream, peer, event_tx.clone()));
                     node.handle_input(now(), Input::Accepted { conn });
                 }
-                Err(e) => log(name, LogLevel::Warn, &format!("accept failed: {e}")),
+                Err(e) => {
+                    // E.g. out of file descriptors: say so, and do not spin.
+                    log(name, LogLevel::Warn, &format!("accept failed: {e}; retrying in {ACCEPT_RETRY_DELAY:?}"));
+                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                }
             },
             _ = tokio::time::sleep_until(wake_at.unwrap_or_else(tokio::time::Instant::now)), if wake_at.is_some() => {
                 node.handle_input(now(), Input::Timeout);

@@ -79,16 +79,18 @@ impl Store {
     }
 
     /// Starts the daemon in the foreground (-F) so the test holds its pid.
-    fn start(&self, block_size: u32) -> Child {
-        Command::new(BIN)
-            .args(["-F", "-s"])
-            .arg(&self.sock)
-            .arg("-d")
-            .arg(&self.dir)
-            .args(["-b", &block_size.to_string()])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+    fn start(&self, block_size: u32) -> Daemon {
+        Daemon(Some(
+            Command::new(BIN)
+                .args(["-F", "-s"])
+                .arg(&self.sock)
+                .arg("-d")
+                .arg(&self.dir)
+                .args(["-b", &block_size.to_string()])
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ))
     }
 
     fn connect(&self) -> Client<UnixStream> {
@@ -102,9 +104,27 @@ fn block_bytes(block: u64, block_size: u32) -> Vec<u8> {
     (0..block_size as u64).map(|i| (block.wrapping_mul(31).wrapping_add(i * 7) % 251) as u8).collect()
 }
 
-fn kill9(mut child: Child) {
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+/// A daemon started by a test; killed (SIGKILL) when dropped, so that a
+/// failing test leaves no server behind.
+struct Daemon(Option<Child>);
+
+impl Daemon {
+    fn id(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn kill9(daemon: Daemon) {
+    drop(daemon);
 }
 
 #[test]
@@ -338,5 +358,75 @@ fn a_second_daemon_on_the_same_directory_is_refused() {
     assert!(stderr.contains("in use by another running daemon"), "{stderr}");
     // The first one still serves.
     assert!(matches!(c.call(2, &LbsRequest::Params2), LbsResponse::Params2 { .. }));
+    kill9(daemon);
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A client pipelining GETs of large blocks without reading the answers
+/// gets backpressure, not a daemon that swells; and when such clients go
+/// away, their sockets are released.
+#[test]
+fn clients_that_do_not_read_are_bounded_and_leave_nothing_behind() {
+    const BS: u32 = 131_072;
+    let store = Store::new();
+    let daemon = store.start(BS);
+    let pid = daemon.id();
+    let mut c = store.connect();
+    let data: Vec<u8> = (0..4).flat_map(|b| block_bytes(b, BS)).collect();
+    assert_eq!(
+        c.call(1, &LbsRequest::Append { count: 4, start: 0, data: data.into() }),
+        LbsResponse::Append(Some(4))
+    );
+    drop(c);
+    let mut gets = BytesMut::new();
+    for i in 0..20_000u64 {
+        LbsRequest::Get { block: i % 4 }.encode(i, &mut gets);
+    }
+    let fds_before = {
+        // One connection is needed for the daemon to be idle and accepting.
+        let mut probe = store.connect();
+        assert!(matches!(probe.call(1, &LbsRequest::Params2), LbsResponse::Params2 { .. }));
+        fd_count(pid)
+    };
+    let mut peak_rss_kib = 0;
+    for _ in 0..3 {
+        let mut hog = wait_for_socket(&store.sock);
+        hog.set_nonblocking(true).unwrap();
+        // Write until the daemon stops reading (the socket buffer stays full).
+        let mut sent = 0;
+        let mut last_progress = Instant::now();
+        while sent < gets.len() && last_progress.elapsed() < Duration::from_millis(500) {
+            match hog.write(&gets[sent..]) {
+                Ok(n) => {
+                    sent += n;
+                    last_progress = Instant::now();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(sent < gets.len(), "the daemon read every request of a client that reads nothing");
+        std::thread::sleep(Duration::from_millis(300));
+        peak_rss_kib = peak_rss_kib.max(rss_kib(pid));
+        drop(hog);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    eprintln!("peak RSS with clients that do not read: {peak_rss_kib} KiB");
+    // 20,000 GETs of 128 KiB would be 2.5 GiB of answers.
+    assert!(peak_rss_kib < 256 * 1024, "the daemon grew to {peak_rss_kib} KiB for clients that do not read");
+    let mut probe = store.connect();
+    assert!(matches!(probe.call(2, &LbsRequest::Params2), LbsResponse::Params2 { .. }));
+    assert!(fd_count(pid) <= fds_before, "sockets leaked: {} fds, {fds_before} before", fd_count(pid));
     kill9(daemon);
 }

@@ -1,12 +1,16 @@
 //! Seeded crash testing of the lbs node against the in-memory disk: random
-//! pipelined APPENDs, GETs and FREEs, crashes at random moments that keep
-//! any mix of unsynced sectors (new, old or garbage) and directory entries,
-//! and injected fsync failures. After every restart:
+//! pipelined APPENDs, GETs and FREEs; power losses at random moments that
+//! keep any mix of unsynced sectors (new, old or garbage) and directory
+//! entries; process crashes that keep the page cache; injected fsync
+//! failures that drop the dirty pages or keep them cached but unwritten.
+//! After every restart:
 //!
 //! - the store comes up (nothing acknowledged was damaged: this test does
 //!   no bit rot, so refusing to start would be a bug);
-//! - the next block number is at least the acknowledged end;
-//! - every acknowledged block that was not freed reads back exactly;
+//! - the next block number never goes below one a client has seen (in an
+//!   APPEND acknowledgement or a PARAMS2 answer);
+//! - every acknowledged block, and every block a GET has returned, that was
+//!   not freed reads back exactly (what lbs serves must be durable);
 //! - a GET never returns bytes other than the last ones sent for that
 //!   block number;
 //! - nothing is acknowledged after a failed fsync.
@@ -26,7 +30,8 @@ use kivaloo_nodes::lbs::{LbsConfig, LbsNode};
 use memdisk::MemDisk;
 
 const BS: u32 = 512;
-const SEEDS: u64 = 300;
+/// Seeds run by `cargo test`; `LBS_CRASH_SEEDS=N` runs more.
+const SEEDS: u64 = 3000;
 
 /// xorshift64*: a small deterministic generator for the workload.
 struct Rng(u64);
@@ -54,6 +59,9 @@ impl Rng {
 #[derive(Default, Debug)]
 struct Coverage {
     torn_tails_cut: u64,
+    torn_headers_rewritten: u64,
+    process_crashes: u64,
+    power_losses: u64,
     torn_new_files_removed: u64,
     fsync_failures: u64,
     freed_files_removed: u64,
@@ -68,6 +76,10 @@ struct Model {
     /// The last content sent for each block number (acknowledged or not).
     last_sent: BTreeMap<u64, Vec<u8>>,
     acked_end: u64,
+    /// Blocks a GET returned: from then on they must stay.
+    seen: BTreeMap<u64, Vec<u8>>,
+    /// The largest next block number a client has been told.
+    next_seen: u64,
     /// Blocks below this may have been freed.
     freed_below: u64,
 }
@@ -104,6 +116,14 @@ fn block_content(block: u64, generation: u64) -> Vec<u8> {
     (0..BS as u64)
         .map(|i| (block ^ generation.wrapping_mul(0x9E37)).wrapping_add(i).wrapping_mul(131) as u8)
         .collect()
+}
+
+impl Model {
+    /// Whether `block` must read back: acknowledged or already returned,
+    /// and not freed.
+    fn must_exist(&self, block: u64) -> bool {
+        (self.acked.contains_key(&block) || self.seen.contains_key(&block)) && block >= self.freed_below
+    }
 }
 
 impl Life {
@@ -150,6 +170,7 @@ impl Life {
                     model.acked.insert(b, model.last_sent[&b].clone());
                 }
                 model.acked_end = model.acked_end.max(start + count);
+                model.next_seen = model.next_seen.max(start + count);
             }
             Pending::Get { block, must_exist } => {
                 match LbsResponse::decode(LbsRequestKind::Get, record).unwrap() {
@@ -160,6 +181,7 @@ impl Life {
                             expected.map(|v| &v[..]),
                             "seed {seed}: GET {block} returned bytes never sent for it"
                         );
+                        model.seen.insert(block, data.to_vec());
                     }
                     LbsResponse::Get(None) => {
                         assert!(!must_exist, "seed {seed}: acknowledged block {block} is missing")
@@ -173,6 +195,12 @@ impl Life {
             Pending::Params2 => match LbsResponse::decode(LbsRequestKind::Params2, record).unwrap() {
                 LbsResponse::Params2 { block_size, next_block, last_block } => {
                     assert_eq!(block_size, BS);
+                    assert!(
+                        next_block >= model.next_seen,
+                        "seed {seed}: next block {next_block} went below {} (seen before)",
+                        model.next_seen
+                    );
+                    model.next_seen = next_block;
                     self.params2 = Some((next_block, last_block));
                 }
                 other => panic!("{other:?}"),
@@ -204,6 +232,7 @@ fn run_seed(seed: u64, cov: &mut Coverage) {
     // Tiny files so that rollover and FREE's file removal happen often.
     let cfg = LbsConfig { file_len_min_bytes: (BS as u64 + 32) * (1 + rng.below(8)), ..LbsConfig::new(BS) };
     let mut disk = MemDisk::new();
+    disk.failed_fsync_keeps_pages = rng.chance(50);
     let mut model = Model::default();
     let mut generation = 0u64;
     let mut next_id = 1u64;
@@ -226,7 +255,7 @@ fn run_seed(seed: u64, cov: &mut Coverage) {
             model.acked_end
         );
         for block in 0..next {
-            let must_exist = model.acked.contains_key(&block) && block >= model.freed_below;
+            let must_exist = model.must_exist(block);
             cov.acked_blocks_checked += must_exist as u64;
             life.request(
                 next_id,
@@ -243,6 +272,7 @@ fn run_seed(seed: u64, cov: &mut Coverage) {
         // they may be sent again with other bytes.
         let mut append_at = next;
         model.last_sent.retain(|b, _| *b < next);
+        model.seen.retain(|b, _| *b < next);
 
         // A workload, with a crash (or an fsync failure) somewhere in it.
         let steps = 5 + rng.below(60);
@@ -267,7 +297,7 @@ fn run_seed(seed: u64, cov: &mut Coverage) {
                 }
                 5..=7 => {
                     let block = rng.below(append_at + 2);
-                    let must_exist = model.acked.contains_key(&block) && block >= model.freed_below;
+                    let must_exist = model.must_exist(block);
                     life.request(
                         next_id,
                         LbsRequest::Get { block },
@@ -294,6 +324,7 @@ fn run_seed(seed: u64, cov: &mut Coverage) {
         for log in &life.logs {
             cov.torn_tails_cut += log.contains("discarding") as u64;
             cov.torn_new_files_removed += log.contains("first write was torn") as u64;
+            cov.torn_headers_rewritten += log.contains("rewriting a header") as u64;
             cov.freed_files_removed += log.contains("were freed") as u64;
         }
         match &life.exited {
@@ -303,7 +334,14 @@ fn run_seed(seed: u64, cov: &mut Coverage) {
             }
             None => assert!(life.closed.is_none(), "seed {seed}: connection dropped: {:?}", life.closed),
         }
-        disk = disk.crash_random(&mut |n| rng.below(n));
+        disk.clear_faults();
+        if rng.chance(35) {
+            // The process dies; the machine (and its page cache) stays up.
+            cov.process_crashes += 1;
+        } else {
+            cov.power_losses += 1;
+            disk = disk.crash_random(&mut |n| rng.below(n));
+        }
     }
 }
 
@@ -311,7 +349,8 @@ fn run_seed(seed: u64, cov: &mut Coverage) {
 fn random_crashes_never_lose_acknowledged_blocks() {
     let only: Option<u64> = std::env::var("LBS_CRASH_SEED").ok().and_then(|s| s.parse().ok());
     let mut cov = Coverage::default();
-    for seed in only.map_or(0..SEEDS, |s| s..s + 1) {
+    let seeds: u64 = std::env::var("LBS_CRASH_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(SEEDS);
+    for seed in only.map_or(0..seeds, |s| s..s + 1) {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_seed(seed, &mut cov)));
         if let Err(e) = result {
             eprintln!("failing seed: LBS_CRASH_SEED={seed} cargo test -p kivaloo-nodes --test lbs_crash");
@@ -324,6 +363,8 @@ fn random_crashes_never_lose_acknowledged_blocks() {
         assert!(cov.torn_tails_cut > 0, "no crash tore a tail: {cov:?}");
         assert!(cov.torn_new_files_removed > 0, "no crash tore a new file's first write: {cov:?}");
         assert!(cov.fsync_failures > 0, "no fsync failed: {cov:?}");
+        assert!(cov.torn_headers_rewritten > 0, "no new file's header was torn alone: {cov:?}");
+        assert!(cov.process_crashes > 0 && cov.power_losses > 0, "{cov:?}");
         assert!(cov.freed_files_removed > 0, "FREE never removed a file: {cov:?}");
         assert!(cov.acked_blocks_checked > 1000, "few acknowledged blocks checked: {cov:?}");
     }

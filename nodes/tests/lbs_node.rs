@@ -795,3 +795,124 @@ fn memdisk_crash_keeps_only_durable_state() {
     assert_eq!(d.execute(&read).unwrap_err().kind, DiskErrorKind::NotFound);
     assert_eq!(d.execute(&op("g")), Ok(DiskDone::Opened { len_bytes: 0 }));
 }
+
+// ----- findings of the code review, each as a test -------------------------
+
+#[test]
+fn a_torn_header_of_a_new_files_whole_first_batch_is_rewritten() {
+    let mut h = Harness::new(tiny_files(), MemDisk::new());
+    let c = h.connect();
+    assert_eq!(h.append(c, 0, 2), LbsResponse::Append(Some(2)));
+    h.hold = true;
+    h.send(c, &append_req(2, 1)); // starts blocks-2: header and block 2 in one write
+    h.step("open");
+    h.step("write");
+    // The directory entry reached the disk, and so did block 2's sectors,
+    // but the header's sector was torn.
+    h.disk.execute(&DiskOp::SyncDir).unwrap();
+    let mut disk = h.disk.crash_keeping_unsynced_prefix(&file_name(2), offset_of(2, 3));
+    disk.flip(&file_name(2), 9, 0xff);
+    let (mut h, c) = restart(disk);
+    assert!(h.logs.iter().any(|(_, m)| m.contains("rewriting a header")), "{:?}", h.logs);
+    assert_eq!(h.params2(c), (BS, 3, 2));
+    assert_blocks(&mut h, c, 0..3);
+    // The mended header is durable: a power loss now keeps everything.
+    let (mut h, c) = restart(h.disk.crash());
+    assert_eq!(h.params2(c), (BS, 3, 2));
+    assert_blocks(&mut h, c, 0..3);
+}
+
+#[test]
+fn what_recovery_serves_after_a_process_crash_is_made_durable_first() {
+    let mut h = Harness::fresh();
+    let c = h.connect();
+    assert_eq!(h.append(c, 0, 2), LbsResponse::Append(Some(2)));
+    h.hold = true;
+    h.send(c, &append_req(2, 1));
+    h.step("write"); // in the page cache, not synced; then the process dies
+    let disk = h.disk.clone();
+    let (mut h, c) = restart(disk);
+    let fsyncs = h.count_issued("fsync");
+    assert!(fsyncs >= 1 && h.count_issued("fsync-dir") >= 1, "recovery synced nothing: {:?}", h.issued);
+    assert_eq!(h.params2(c), (BS, 3, 2), "the unacknowledged but whole block 2 is kept");
+    assert_blocks(&mut h, c, 0..3);
+    // A power loss after that must not take back what was served.
+    let (mut h, c) = restart(h.disk.crash());
+    assert_eq!(h.params2(c), (BS, 3, 2));
+    assert_blocks(&mut h, c, 0..3);
+}
+
+#[test]
+fn pages_kept_clean_after_a_failed_fsync_are_not_served_after_restart() {
+    let mut disk = MemDisk::new();
+    disk.failed_fsync_keeps_pages = true;
+    let mut h = Harness::new(LbsConfig::new(BS), disk);
+    let c = h.connect();
+    assert_eq!(h.append(c, 0, 2), LbsResponse::Append(Some(2)));
+    h.disk.fail_next("fsync", DiskErrorKind::Io);
+    h.send(c, &append_req(2, 1));
+    assert!(h.exit.is_some(), "a failed fsync must stop lbs");
+    // The page cache still holds block 2, marked clean, never written.
+    assert!(h.disk.file(&file_name(0)).unwrap().data.len() >= offset_of(0, 3));
+    let disk = h.disk.clone();
+    let (mut h, c) = restart(disk);
+    assert!(h.count_issued("drop-cache") >= 1, "{:?}", h.issued);
+    assert_eq!(h.params2(c), (BS, 2, 1), "block 2 never reached the disk");
+    assert_eq!(h.get(c, 2), None);
+    let (mut h, c) = restart(h.disk.crash());
+    assert_eq!(h.params2(c), (BS, 2, 1));
+    assert_blocks(&mut h, c, 0..2);
+}
+
+#[test]
+fn free_past_the_durable_end_does_not_outlive_a_dropped_connection() {
+    let mut h = Harness::new(tiny_files(), MemDisk::new());
+    let a = h.connect();
+    assert_eq!(h.append(a, 0, 1), LbsResponse::Append(Some(1)));
+    h.hold = true;
+    h.send(a, &append_req(1, 1)); // being written
+    h.send(a, &append_req(2, 10)); // queued
+    h.send(a, &LbsRequest::Free { keep_from: 12 });
+    h.feed(Input::Closed { conn: a, reason: ConnClosed::PeerClosed });
+    h.run();
+    h.hold = false;
+    let b = h.connect();
+    assert_eq!(h.params2(b), (BS, 2, 1));
+    assert_eq!(h.append(b, 2, 3), LbsResponse::Append(Some(5)));
+    assert_blocks(&mut h, b, 1..5);
+    let (mut h, c) = restart(h.disk.crash());
+    assert_blocks(&mut h, c, 1..5);
+}
+
+#[test]
+fn an_append_larger_than_a_batch_is_written_in_several_and_acked_once() {
+    const BIG: u32 = 131_072;
+    let mut h = Harness::new(LbsConfig::new(BIG), MemDisk::new());
+    let c = h.connect();
+    let count = (kivaloo_nodes::lbs::BATCH_DATA_BYTES_MAX / BIG as usize) as u32 + 3;
+    let data: Vec<u8> = (0..count as usize * BIG as usize).map(|i| (i / 4093) as u8).collect();
+    let resp = h.call(c, LbsRequest::Append { count, start: 0, data: data.clone().into() });
+    assert_eq!(resp, LbsResponse::Append(Some(count as u64)));
+    assert_eq!(h.count_issued("write"), 1 + 2, "the header, then two batches");
+    for b in [0u64, count as u64 - 1] {
+        let want = &data[b as usize * BIG as usize..(b as usize + 1) * BIG as usize];
+        assert_eq!(h.get(c, b).as_deref(), Some(want), "block {b}");
+    }
+}
+
+#[test]
+fn responses_made_before_a_bad_packet_are_sent_before_the_close() {
+    let mut h = Harness::fresh();
+    let c = h.connect();
+    let id = h.next_id;
+    h.clients.get_mut(&c).unwrap().kinds.insert(id, LbsRequestKind::Params2);
+    let mut out = BytesMut::new();
+    LbsRequest::Params2.encode(id, &mut out);
+    let mut bad = BytesMut::new();
+    LbsRequest::Params2.encode(id + 1, &mut bad);
+    bad[3] ^= 1;
+    out.extend_from_slice(&bad);
+    h.feed(Input::Received { conn: c, data: out.freeze() });
+    assert!(h.closed(c).is_some());
+    assert!(matches!(h.resp(c, id), Some(LbsResponse::Params2 { .. })), "the answer made first was lost");
+}

@@ -11,6 +11,7 @@
 
 pub mod layout;
 pub mod recovery;
+mod startup;
 
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, VecDeque};
@@ -23,19 +24,35 @@ use kivaloo::lbs_proto::{LbsRequest, LbsResponse, NO_LAST_BLOCK};
 use kivaloo::packet::{Packet, PacketDecoder, HEADER_LEN};
 
 use layout::{record_len, record_offset, BatchPlace, FILE_HEADER_LEN};
-use recovery::{find_durable_end, tail_slots_to_read, TailRegion};
+use startup::{Recovery, Step};
 
-/// The most data one APPEND may carry (16 MiB); a larger one drops the
-/// connection. It is also the most data one write batch carries, which
-/// bounds how much recovery reads.
-pub const APPEND_DATA_BYTES_MAX: usize = 16 << 20;
+/// The most data one write batch carries (16 MiB), which bounds how much
+/// recovery reads. A larger APPEND is written in several batches, in order,
+/// and acknowledged after the last.
+pub const BATCH_DATA_BYTES_MAX: usize = 16 << 20;
+/// The most data one APPEND may carry: what the packet codec allows. A
+/// larger one drops the connection.
+pub const APPEND_DATA_BYTES_MAX: usize = kivaloo::packet::RECORD_LEN_MAX - 16;
+/// Block numbers stay below this (2^62), so that no arithmetic on them can
+/// overflow; an APPEND past it drops the connection, and a file named past
+/// it makes recovery refuse to start.
+pub const BLOCK_NUMBER_MAX: u64 = 1 << 62;
+/// Bytes of blocks being read for one connection's GETs. At the bound the
+/// node stops reading requests, so a client that pipelines GETs of large
+/// blocks without reading the answers cannot make lbs hold more than this
+/// (plus the driver's send queue).
+pub const GET_BYTES_IN_FLIGHT_MAX: usize = 16 << 20;
+/// Response bytes sent on one connection and not yet reported written
+/// (`Input::Sent`). At the bound the node stops handling that connection's
+/// requests, so a client that does not read its answers gets backpressure.
+pub const UNSENT_BYTES_MAX: usize = 16 << 20;
 /// Requests of one connection in progress at once (GETs reading, APPENDs
 /// queued or being written, responses held by `-l`). At the bound the node
 /// stops reading from the connection.
 pub const PENDING_REQUESTS_MAX: usize = 4096;
 /// APPEND data queued behind the batch being written. At the bound the node
 /// stops reading from the connection.
-pub const APPEND_QUEUE_BYTES_MAX: usize = 4 * APPEND_DATA_BYTES_MAX;
+pub const APPEND_QUEUE_BYTES_MAX: usize = 64 << 20;
 /// Default for [`LbsConfig::file_len_min_bytes`].
 pub const FILE_LEN_MIN_BYTES_DEFAULT: u64 = 64 << 20;
 
@@ -74,13 +91,15 @@ struct StoreFile {
     reads_in_flight: u32,
 }
 
-/// An APPEND waiting for its batch.
+/// An APPEND (or the rest of one) waiting for its batch.
 #[derive(Debug)]
 struct QueuedAppend {
     req_id: u64,
     start: u64,
     count: u64,
     data: Bytes,
+    /// The APPEND ends with these blocks: acknowledge it after them.
+    last_part: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +134,8 @@ struct Connection {
     pending: usize,
     reading: bool,
     out: BytesMut,
+    /// Bytes given in `Output::Send` and not yet reported by `Input::Sent`.
+    unsent_bytes: usize,
 }
 
 /// A read that may come back short, accumulated until whole.
@@ -126,36 +147,14 @@ struct ReadAcc {
     got: BytesMut,
 }
 
+/// What a disk operation in flight is for.
 #[derive(Debug)]
 enum Op {
-    List,
-    OpenExisting { idx: usize },
-    ReadHeader { idx: usize, acc: ReadAcc },
-    ReadTail { acc: ReadAcc, region: TailRegion, header_ok: bool },
-    RemoveDamagedNewest,
-    SyncDirAfterRemoveDamaged,
-    TruncateTail,
-    SyncTail,
-    CreateFirst,
-    WriteFirstHeader { offset: u64, data: Bytes },
-    SyncFirstFile,
-    SyncFirstDir,
+    Startup(Step),
     Get { conn: ConnId, req_id: u64, block: u64, file_first: u64, issued_at: Instant, acc: ReadAcc },
     Batch,
     RemoveFreed,
     SyncDirAfterRemoveFreed,
-}
-
-/// Where recovery is; fields are filled as it goes.
-#[derive(Debug, Default)]
-struct Recovery {
-    /// (first block, name), sorted.
-    files: Vec<(u64, String)>,
-    lens: Vec<u64>,
-    durable_end: u64,
-    /// The first block of a store created because the directory holds no
-    /// file: 0, or past any file removed as never durable.
-    first_block_if_empty: u64,
 }
 
 #[derive(Debug)]
@@ -191,6 +190,8 @@ pub struct LbsNode {
     /// GET responses held back by `-l`, by (due time, sequence).
     delayed: BTreeMap<(Instant, u64), (ConnId, Bytes)>,
     delayed_seq: u64,
+    /// Bytes of blocks being read for GETs.
+    get_bytes_in_flight: usize,
     /// The time of the input being handled.
     now: Instant,
 }
@@ -227,9 +228,10 @@ impl LbsNode {
             removing: false,
             delayed: BTreeMap::new(),
             delayed_seq: 0,
+            get_bytes_in_flight: 0,
             now: Instant::default(),
         };
-        node.disk(Op::List, DiskOp::List);
+        node.start_recovery();
         node
     }
 
@@ -250,7 +252,7 @@ impl LbsNode {
     }
 
     fn batch_blocks_max(&self) -> u64 {
-        (APPEND_DATA_BYTES_MAX / self.cfg.block_size as usize) as u64
+        (BATCH_DATA_BYTES_MAX / self.cfg.block_size as usize) as u64
     }
 
     fn disk(&mut self, purpose: Op, op: DiskOp) {
@@ -277,240 +279,6 @@ impl LbsNode {
             .push_back(Output::Exit(ExitReason { failure: true, message: format!("lbs: {message}") }));
     }
 
-    // ----- recovery -------------------------------------------------------
-
-    fn recovery(&mut self) -> &mut Recovery {
-        match &mut self.phase {
-            Phase::Recovering(r) => r,
-            _ => unreachable!("recovery step outside recovery"),
-        }
-    }
-
-    fn on_recovery_disk(&mut self, op: Op, result: Result<DiskDone, DiskError>) {
-        let bs = self.cfg.block_size;
-        match (op, result) {
-            (Op::List, Ok(DiskDone::Listed(names))) => {
-                let mut files: Vec<(u64, String)> =
-                    names.into_iter().filter_map(|n| layout::parse_file_name(&n).map(|f| (f, n))).collect();
-                files.sort();
-                self.recovery().files = files;
-                self.recovery().lens.clear();
-                if self.recovery().files.is_empty() {
-                    let name = layout::file_name(self.recovery().first_block_if_empty);
-                    self.log(LogLevel::Info, format!("lbs: creating a new store with {bs}-byte blocks"));
-                    self.disk(Op::CreateFirst, DiskOp::Open { name, create: true });
-                } else {
-                    let name = self.recovery().files[0].1.clone();
-                    self.disk(Op::OpenExisting { idx: 0 }, DiskOp::Open { name, create: false });
-                }
-            }
-            (Op::OpenExisting { idx }, Ok(DiskDone::Opened { len_bytes })) => {
-                let r = self.recovery();
-                r.lens.push(len_bytes);
-                if idx + 1 < r.files.len() {
-                    let name = r.files[idx + 1].1.clone();
-                    self.disk(Op::OpenExisting { idx: idx + 1 }, DiskOp::Open { name, create: false });
-                } else {
-                    self.read_header(0);
-                }
-            }
-            (Op::ReadHeader { idx, mut acc }, Ok(DiskDone::Read(bytes))) => {
-                if !acc.absorb(&bytes) {
-                    let op = read_rest(&acc);
-                    return self.disk(Op::ReadHeader { idx, acc }, op);
-                }
-                self.on_header(idx, &acc.got);
-            }
-            (Op::ReadTail { mut acc, region, header_ok }, Ok(DiskDone::Read(bytes))) => {
-                if !acc.absorb(&bytes) {
-                    let op = read_rest(&acc);
-                    return self.disk(Op::ReadTail { acc, region, header_ok }, op);
-                }
-                self.on_tail(region, header_ok, &acc.got);
-            }
-            (Op::RemoveDamagedNewest, Ok(_)) => {
-                if self.cfg.fsync {
-                    self.disk(Op::SyncDirAfterRemoveDamaged, DiskOp::SyncDir);
-                } else {
-                    self.disk(Op::List, DiskOp::List);
-                }
-            }
-            (Op::SyncDirAfterRemoveDamaged, Ok(_)) => self.disk(Op::List, DiskOp::List),
-            (Op::TruncateTail, Ok(_)) => {
-                if self.cfg.fsync {
-                    let name = self.recovery().files.last().expect("files").1.clone();
-                    self.disk(Op::SyncTail, DiskOp::SyncFile { name });
-                } else {
-                    self.finish_recovery();
-                }
-            }
-            (Op::SyncTail, Ok(_)) => self.finish_recovery(),
-            (Op::CreateFirst, Ok(_)) => {
-                let first = self.recovery().first_block_if_empty;
-                let mut header = BytesMut::new();
-                layout::put_file_header(&mut header, bs, first);
-                let data = header.freeze();
-                let name = layout::file_name(first);
-                let op = DiskOp::Write { name, offset: 0, data: data.clone() };
-                self.disk(Op::WriteFirstHeader { offset: 0, data }, op);
-            }
-            (Op::WriteFirstHeader { offset, data }, Ok(DiskDone::Written { len_bytes })) => {
-                let name = layout::file_name(self.recovery().first_block_if_empty);
-                if len_bytes < data.len() as u64 {
-                    if len_bytes == 0 {
-                        return self.exit(format!("writing the header of {name} made no progress"));
-                    }
-                    let (offset, data) = (offset + len_bytes, data.slice(len_bytes as usize..));
-                    let op = DiskOp::Write { name, offset, data: data.clone() };
-                    return self.disk(Op::WriteFirstHeader { offset, data }, op);
-                }
-                if self.cfg.fsync {
-                    self.disk(Op::SyncFirstFile, DiskOp::SyncFile { name });
-                } else {
-                    self.created_first();
-                }
-            }
-            (Op::SyncFirstFile, Ok(_)) => self.disk(Op::SyncFirstDir, DiskOp::SyncDir),
-            (Op::SyncFirstDir, Ok(_)) => self.created_first(),
-            (op, Err(e)) => self.exit(format!("recovery failed ({op:?}): {e}")),
-            (op, Ok(done)) => {
-                self.exit(format!("recovery got an unexpected disk result {done:?} for {op:?}"))
-            }
-        }
-    }
-
-    fn read_header(&mut self, idx: usize) {
-        let name = self.recovery().files[idx].1.clone();
-        let acc = ReadAcc { name, offset: 0, want: FILE_HEADER_LEN, got: BytesMut::new() };
-        let op = read_rest(&acc);
-        self.disk(Op::ReadHeader { idx, acc }, op);
-    }
-
-    fn on_header(&mut self, idx: usize, bytes: &[u8]) {
-        let bs = self.cfg.block_size;
-        let rec_len = self.record_len;
-        let (first, name) = self.recovery().files[idx].clone();
-        let len = self.recovery().lens[idx];
-        let is_last = idx + 1 == self.recovery().files.len();
-        let header = layout::parse_file_header(bytes);
-        if let Ok(h) = &header {
-            if h.block_size != bs {
-                return self.exit(format!(
-                    "the store was created with {}-byte blocks and cannot be opened with -b {bs}",
-                    h.block_size
-                ));
-            }
-            if h.first_block != first {
-                return self.exit(format!("{name}: header says its first block is {}", h.first_block));
-            }
-        }
-        if !is_last {
-            if let Err(e) = header {
-                return self.exit(format!("{name}: damaged header ({e}); refusing to start"));
-            }
-            let next_first = self.recovery().files[idx + 1].0;
-            let expected = next_first
-                .checked_sub(first)
-                .and_then(|n| n.checked_mul(rec_len))
-                .and_then(|b| b.checked_add(FILE_HEADER_LEN));
-            if expected != Some(len) {
-                return self.exit(format!(
-                    "{name} is {len} bytes but should hold blocks {first}..{next_first} \
-                     ({expected:?} bytes): blocks are missing; refusing to start"
-                ));
-            }
-            return self.read_header(idx + 1);
-        }
-        // The newest file: read enough of its end to find the durable end.
-        let slots = len.saturating_sub(FILE_HEADER_LEN) / rec_len;
-        let region_first_slot = slots.saturating_sub(tail_slots_to_read(self.batch_blocks_max()));
-        let offset = FILE_HEADER_LEN + region_first_slot * rec_len;
-        let region = TailRegion {
-            block_size: bs,
-            file_first_block: first,
-            region_first_block: first + region_first_slot,
-            batch_blocks_max: self.batch_blocks_max(),
-        };
-        let want = len.saturating_sub(offset);
-        let acc = ReadAcc { name, offset, want, got: BytesMut::with_capacity(want as usize) };
-        if want == 0 {
-            return self.on_tail(region, header.is_ok(), &[]);
-        }
-        let op = read_rest(&acc);
-        self.disk(Op::ReadTail { acc, region, header_ok: header.is_ok() }, op);
-    }
-
-    fn on_tail(&mut self, region: TailRegion, header_ok: bool, bytes: &[u8]) {
-        let (first, name) = self.recovery().files.last().expect("files").clone();
-        let len = *self.recovery().lens.last().expect("lens");
-        let verdict = match find_durable_end(&region, bytes) {
-            Ok(v) => v,
-            Err(e) => return self.exit(format!("{name}: {e}; refusing to start")),
-        };
-        if !header_ok {
-            if verdict.durable_end > first {
-                return self.exit(format!(
-                    "{name}: damaged header but complete blocks up to {}; refusing to start",
-                    verdict.durable_end - 1
-                ));
-            }
-            // Created for a batch that never became durable: nothing in it
-            // was acknowledged. Should it be the only file, the store starts
-            // again at its first block, so that no block number is reused.
-            let r = self.recovery();
-            r.first_block_if_empty = r.first_block_if_empty.max(first);
-            self.log(LogLevel::Warn, format!("lbs: removing {name}, a new file whose first write was torn"));
-            return self.disk(Op::RemoveDamagedNewest, DiskOp::Remove { name });
-        }
-        let durable_len = FILE_HEADER_LEN + (verdict.durable_end - first) * self.record_len;
-        self.recovery().durable_end = verdict.durable_end;
-        if durable_len != len {
-            self.log(
-                LogLevel::Warn,
-                format!(
-                    "lbs: {name}: discarding {} bytes after block {} (a write torn by a crash, never acknowledged)",
-                    len - durable_len,
-                    verdict.durable_end as i128 - 1
-                ),
-            );
-            return self.disk(Op::TruncateTail, DiskOp::Truncate { name, len: durable_len });
-        }
-        self.finish_recovery();
-    }
-
-    fn created_first(&mut self) {
-        let r = self.recovery();
-        let first = r.first_block_if_empty;
-        r.files = vec![(first, layout::file_name(first))];
-        r.durable_end = first;
-        self.finish_recovery();
-    }
-
-    fn finish_recovery(&mut self) {
-        let r = std::mem::take(self.recovery());
-        self.files = r
-            .files
-            .into_iter()
-            .map(|(first_block, name)| StoreFile { name, first_block, reads_in_flight: 0 })
-            .collect();
-        self.durable_next = r.durable_end;
-        self.accepted_next = r.durable_end;
-        self.free_mark = 0;
-        self.phase = Phase::Serving;
-        let first = self.files[0].first_block;
-        self.log(
-            LogLevel::Info,
-            format!(
-                "lbs: serving {}-byte blocks {first}..{} in {} file(s){}",
-                self.cfg.block_size,
-                self.durable_next,
-                self.files.len(),
-                if self.cfg.fsync { "" } else { " WITHOUT fsync (-L)" }
-            ),
-        );
-        self.maybe_accept();
-    }
-
     // ----- connections ----------------------------------------------------
 
     fn maybe_accept(&mut self) {
@@ -533,6 +301,7 @@ impl LbsNode {
             pending: 0,
             reading: true,
             out: BytesMut::new(),
+            unsent_bytes: 0,
         });
         self.maybe_accept();
     }
@@ -549,7 +318,11 @@ impl LbsNode {
     }
 
     fn drop_conn(&mut self, reason: String) {
-        if let Some(c) = self.conn.take() {
+        if let Some(mut c) = self.conn.take() {
+            // Responses already made go out before the close.
+            if !c.out.is_empty() {
+                self.outputs.push_back(Output::Send { conn: c.id, data: c.out.split().freeze() });
+            }
             self.outputs.push_back(Output::Close { conn: c.id, reason: format!("lbs: {reason}") });
         }
         self.forget_conn();
@@ -570,7 +343,11 @@ impl LbsNode {
     fn process_packets(&mut self) {
         loop {
             let Some(c) = &mut self.conn else { return };
-            if c.pending >= PENDING_REQUESTS_MAX || self.queued_bytes >= APPEND_QUEUE_BYTES_MAX {
+            if c.pending >= PENDING_REQUESTS_MAX
+                || c.unsent_bytes >= UNSENT_BYTES_MAX
+                || self.queued_bytes >= APPEND_QUEUE_BYTES_MAX
+                || self.get_bytes_in_flight >= GET_BYTES_IN_FLIGHT_MAX
+            {
                 if c.reading {
                     c.reading = false;
                     self.outputs.push_back(Output::ReadInterest { conn: c.id, enabled: false });
@@ -608,9 +385,15 @@ impl LbsNode {
                 self.send(&resp, req_id)
             }
             LbsRequest::Free { keep_from } => {
-                if keep_from <= self.accepted_next && keep_from > self.free_mark {
-                    self.free_mark = keep_from;
-                    self.maybe_remove_freed();
+                // Past the end: acknowledged, changes nothing. Blocks not yet
+                // durable are never freed: their APPENDs may yet be dropped
+                // (with the connection) and the numbers written again.
+                if keep_from <= self.accepted_next {
+                    let keep_from = keep_from.min(self.durable_next);
+                    if keep_from > self.free_mark {
+                        self.free_mark = keep_from;
+                        self.maybe_remove_freed();
+                    }
                 }
                 self.send(&LbsResponse::Free, req_id)
             }
@@ -635,10 +418,11 @@ impl LbsNode {
             got: BytesMut::new(),
         };
         let file_first = f.first_block;
+        self.get_bytes_in_flight += self.cfg.block_size as usize;
         let conn = self.conn.as_mut().expect("request from a connection");
         conn.pending += 1;
         let conn = conn.id;
-        let op = read_rest(&acc);
+        let op = acc.read_rest();
         // `issued_at` is set by handle_input through `self.now`.
         self.disk(Op::Get { conn, req_id, block, file_first, issued_at: self.now, acc }, op);
     }
@@ -661,12 +445,12 @@ impl LbsNode {
         if start != self.accepted_next {
             return self.send(&LbsResponse::Append(None), req_id);
         }
-        let Some(end) = start.checked_add(count).filter(|e| *e < NO_LAST_BLOCK) else {
+        let Some(end) = start.checked_add(count).filter(|e| *e <= BLOCK_NUMBER_MAX) else {
             return self.drop_conn(format!("APPEND {req_id:#x} would run past the last block number"));
         };
         self.accepted_next = end;
         self.queued_bytes += data.len();
-        self.queued.push_back(QueuedAppend { req_id, start, count, data });
+        self.queued.push_back(QueuedAppend { req_id, start, count, data, last_part: true });
         self.conn.as_mut().expect("request from a connection").pending += 1;
         self.maybe_start_batch();
     }
@@ -680,12 +464,30 @@ impl LbsNode {
         let bs = self.cfg.block_size as usize;
         let mut taken = Vec::new();
         let mut bytes = 0usize;
-        while let Some(q) = self.queued.front() {
-            if !taken.is_empty() && bytes + q.data.len() > APPEND_DATA_BYTES_MAX {
-                break;
+        while let Some(q) = self.queued.front_mut() {
+            if bytes + q.data.len() <= BATCH_DATA_BYTES_MAX {
+                bytes += q.data.len();
+                taken.push(self.queued.pop_front().expect("front exists"));
+                continue;
             }
-            bytes += q.data.len();
-            taken.push(self.queued.pop_front().expect("front exists"));
+            if taken.is_empty() {
+                // An APPEND larger than a batch: its first part now, the rest
+                // in the next batches, acknowledged after the last.
+                let part_blocks = (BATCH_DATA_BYTES_MAX / bs) as u64;
+                let part_len = part_blocks as usize * bs;
+                let part = QueuedAppend {
+                    req_id: q.req_id,
+                    start: q.start,
+                    count: part_blocks,
+                    data: q.data.split_to(part_len),
+                    last_part: false,
+                };
+                q.start += part_blocks;
+                q.count -= part_blocks;
+                bytes += part_len;
+                taken.push(part);
+            }
+            break;
         }
         self.queued_bytes -= bytes;
         let start = taken[0].start;
@@ -715,7 +517,9 @@ impl LbsNode {
                 let block_data = &q.data[i as usize * bs..(i as usize + 1) * bs];
                 layout::put_record(&mut buf, q.start + i, place, block_data);
             }
-            acks.push((q.req_id, q.start + q.count));
+            if q.last_part {
+                acks.push((q.req_id, q.start + q.count));
+            }
         }
         let conn = self.conn.as_ref().map(|c| c.id);
         let stage = if new_file { BatchStage::Open } else { BatchStage::Write };
@@ -772,7 +576,9 @@ impl LbsNode {
             }
             (BatchStage::SyncFile, _) if b.new_file => b.stage = BatchStage::SyncDir,
             (BatchStage::SyncFile | BatchStage::SyncDir, _) => b.stage = BatchStage::Done,
-            (stage, done) => return self.exit(format!("unexpected disk result {done:?} at {stage:?}")),
+            (stage, done) => {
+                return self.exit(format!("unexpected disk result ({}) at {stage:?}", done.describe()))
+            }
         }
         if self.batch.as_ref().expect("batch").stage == BatchStage::Done {
             self.batch_durable();
@@ -802,11 +608,15 @@ impl LbsNode {
     // ----- reads ----------------------------------------------------------
 
     fn on_get_disk(&mut self, op: Op, result: Result<DiskDone, DiskError>) {
-        let Op::Get { conn, req_id, block, file_first, issued_at, mut acc } = op else { unreachable!() };
+        let Op::Get { conn, req_id, block, file_first, issued_at, mut acc } = op else {
+            unreachable!("dispatched by op kind")
+        };
         let current = self.is_current(conn);
         let bytes = match result {
             Ok(DiskDone::Read(bytes)) => Some(bytes),
-            Ok(other) => return self.exit(format!("unexpected disk result {other:?} for a read")),
+            Ok(other) => {
+                return self.exit(format!("unexpected disk result ({}) for a read", other.describe()))
+            }
             Err(e) => {
                 self.release_read(file_first);
                 if current {
@@ -824,7 +634,7 @@ impl LbsNode {
             bytes
         } else {
             if !acc.absorb(&bytes) {
-                let op = read_rest(&acc);
+                let op = acc.read_rest();
                 return self.disk(Op::Get { conn, req_id, block, file_first, issued_at, acc }, op);
             }
             std::mem::take(&mut acc.got).freeze()
@@ -856,6 +666,7 @@ impl LbsNode {
         if let Some(f) = self.files.iter_mut().find(|f| f.first_block == file_first) {
             f.reads_in_flight -= 1;
         }
+        self.get_bytes_in_flight -= self.cfg.block_size as usize;
         self.maybe_remove_freed();
     }
 
@@ -920,7 +731,9 @@ impl LbsNode {
                 self.maybe_remove_freed();
             }
             (_, Err(e)) => self.exit(format!("directory fsync after removing a freed file failed: {e}")),
-            (op, Ok(done)) => self.exit(format!("unexpected disk result {done:?} for {op:?}")),
+            (_, Ok(done)) => {
+                self.exit(format!("unexpected disk result ({}) removing a file", done.describe()))
+            }
         }
     }
 
@@ -928,6 +741,7 @@ impl LbsNode {
         if let Some(c) = &mut self.conn {
             if !c.out.is_empty() {
                 let data = c.out.split().freeze();
+                c.unsent_bytes += data.len();
                 self.outputs.push_back(Output::Send { conn: c.id, data });
             }
         }
@@ -941,15 +755,15 @@ impl ReadAcc {
         self.got.extend_from_slice(bytes);
         bytes.is_empty() || self.got.len() as u64 >= self.want
     }
-}
 
-/// The read op for the rest of `acc`.
-fn read_rest(acc: &ReadAcc) -> DiskOp {
-    let done = acc.got.len() as u64;
-    DiskOp::Read {
-        name: acc.name.clone(),
-        offset: acc.offset + done,
-        len: (acc.want - done).min(u32::MAX as u64) as u32,
+    /// The read for what is still missing.
+    fn read_rest(&self) -> DiskOp {
+        let done = self.got.len() as u64;
+        DiskOp::Read {
+            name: self.name.clone(),
+            offset: self.offset + done,
+            len: (self.want - done).min(u32::MAX as u64) as u32,
+        }
     }
 }
 
@@ -964,6 +778,12 @@ impl Node for LbsNode {
             Input::Received { conn, data } => {
                 if let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) {
                     c.decoder.push(&data);
+                    self.process_packets();
+                }
+            }
+            Input::Sent { conn, len_bytes } => {
+                if let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) {
+                    c.unsent_bytes = c.unsent_bytes.saturating_sub(len_bytes as usize);
                     self.process_packets();
                 }
             }
@@ -984,7 +804,7 @@ impl Node for LbsNode {
                     Op::Get { .. } => self.on_get_disk(op, result),
                     Op::Batch => self.on_batch_disk(result),
                     Op::RemoveFreed | Op::SyncDirAfterRemoveFreed => self.on_remove_disk(op, result),
-                    _ => self.on_recovery_disk(op, result),
+                    Op::Startup(step) => self.on_startup_disk(step, result),
                 },
             },
             Input::Timeout => {}

@@ -23,6 +23,8 @@ use super::layout::{check_record, record_len, BatchPlace};
 pub struct TailVerdict {
     /// The block after the last durable one.
     pub durable_end: u64,
+    /// The first block of the batch that ends there, if there is one.
+    pub newest_batch_start: Option<u64>,
     /// Records (whole or partial) after the durable end, to be cut off.
     pub torn_records: u64,
 }
@@ -67,7 +69,7 @@ pub fn find_durable_end(region: &TailRegion, bytes: &[u8]) -> Result<TailVerdict
     let places: Vec<Option<BatchPlace>> = (0..whole_slots).map(slot).collect();
 
     // 1. The newest batch whose records are all valid and agree.
-    let mut durable_end = None;
+    let mut newest = None;
     for j in (0..whole_slots).rev() {
         let Some(place) = places[j as usize] else { continue };
         let block = first + j;
@@ -76,12 +78,12 @@ pub fn find_durable_end(region: &TailRegion, bytes: &[u8]) -> Result<TailVerdict
         }
         let lo = (place.batch_start - first) as usize;
         if places[lo..=j as usize].iter().all(|p| *p == Some(place)) {
-            durable_end = Some(block + 1);
+            newest = Some(place);
             break;
         }
     }
-    let durable_end = match durable_end {
-        Some(end) => end,
+    let durable_end = match newest {
+        Some(place) => place.batch_end(),
         None if first == region.file_first_block => first,
         None => {
             return Err(format!(
@@ -122,7 +124,7 @@ pub fn find_durable_end(region: &TailRegion, bytes: &[u8]) -> Result<TailVerdict
             }
         }
     }
-    Ok(TailVerdict { durable_end, torn_records })
+    Ok(TailVerdict { durable_end, newest_batch_start: newest.map(|p| p.batch_start), torn_records })
 }
 
 #[cfg(test)]
@@ -160,26 +162,38 @@ mod tests {
     #[test]
     fn clean_file_ends_after_last_batch() {
         let f = file(&[(0, 2), (2, 3)]);
-        assert_eq!(find_durable_end(&region(), &f), Ok(TailVerdict { durable_end: 5, torn_records: 0 }));
+        assert_eq!(
+            find_durable_end(&region(), &f),
+            Ok(TailVerdict { durable_end: 5, newest_batch_start: Some(2), torn_records: 0 })
+        );
     }
 
     #[test]
     fn empty_file_is_empty() {
-        assert_eq!(find_durable_end(&region(), &[]), Ok(TailVerdict { durable_end: 0, torn_records: 0 }));
+        assert_eq!(
+            find_durable_end(&region(), &[]),
+            Ok(TailVerdict { durable_end: 0, newest_batch_start: None, torn_records: 0 })
+        );
     }
 
     #[test]
     fn torn_last_batch_is_rolled_back_whole_even_if_its_last_block_survived() {
         let mut f = file(&[(0, 2), (2, 3)]);
         corrupt(&mut f, 3);
-        assert_eq!(find_durable_end(&region(), &f), Ok(TailVerdict { durable_end: 2, torn_records: 3 }));
+        assert_eq!(
+            find_durable_end(&region(), &f),
+            Ok(TailVerdict { durable_end: 2, newest_batch_start: Some(0), torn_records: 3 })
+        );
     }
 
     #[test]
     fn partial_trailing_slot_is_torn() {
         let mut f = file(&[(0, 2), (2, 1)]);
         f.truncate(f.len() - 100);
-        assert_eq!(find_durable_end(&region(), &f), Ok(TailVerdict { durable_end: 2, torn_records: 1 }));
+        assert_eq!(
+            find_durable_end(&region(), &f),
+            Ok(TailVerdict { durable_end: 2, newest_batch_start: Some(0), torn_records: 1 })
+        );
     }
 
     #[test]

@@ -1,9 +1,14 @@
 //! An in-memory disk for driving nodes in tests: a directory of files, each
-//! with what the process sees (the page cache) and what survives a crash,
-//! plus durable and current directory entries. It executes every
-//! [`DiskOp`] of the sans-IO contract, can crash (keeping only durable
-//! state, or a torn prefix of one file's unsynced tail), rot bytes, fail the
-//! next operation of a given kind, and return short reads and writes.
+//! with what the process sees (the page cache), what survives a power loss,
+//! and which byte ranges are dirty (written since the last sync), plus
+//! durable and current directory entries. It executes every [`DiskOp`] of
+//! the sans-IO contract, can lose power (keeping only durable state, a torn
+//! prefix of one file's unsynced tail, or a random mix of unsynced sectors),
+//! rot bytes, fail the next operation of a given kind (a failed fsync either
+//! drops the dirty pages or, as Linux may, keeps them in the cache marked
+//! clean without ever writing them), and return short reads and writes. A
+//! process crash without power loss is simply a new node on the same
+//! `MemDisk`: the page cache survives.
 
 // Shared scaffolding: not every test binary uses every helper.
 #![allow(dead_code)]
@@ -19,6 +24,28 @@ pub struct MemFile {
     pub data: Vec<u8>,
     /// What survives a crash.
     pub durable: Vec<u8>,
+    /// Byte ranges written since the last sync: what an fsync would write.
+    dirty: Vec<(usize, usize)>,
+}
+
+impl MemFile {
+    fn is_dirty(&self, at: usize) -> bool {
+        self.dirty.iter().any(|&(a, b)| a <= at && at < b)
+    }
+
+    /// What the medium holds after the dirty ranges are written: the length
+    /// is the cached one; bytes never written read as zeros.
+    fn synced(&self) -> Vec<u8> {
+        let mut out = self.durable.clone();
+        out.resize(self.data.len(), 0);
+        for &(a, b) in &self.dirty {
+            let b = b.min(self.data.len());
+            if a < b {
+                out[a..b].copy_from_slice(&self.data[a..b]);
+            }
+        }
+        out
+    }
 }
 
 /// A directory of files in memory. Names point to inodes, so a file removed
@@ -34,6 +61,9 @@ pub struct MemDisk {
     faults: Vec<(&'static str, DiskErrorKind)>,
     /// Return at most half the bytes asked for by each Read and Write.
     pub short_io: bool,
+    /// A failed fsync keeps the dirty pages in the cache marked clean (as
+    /// Linux may), instead of dropping them.
+    pub failed_fsync_keeps_pages: bool,
 }
 
 fn err(kind: DiskErrorKind, message: impl Into<String>) -> DiskError {
@@ -66,6 +96,11 @@ impl MemDisk {
         self.faults.push((verb, kind));
     }
 
+    /// Forgets failures injected and not yet used.
+    pub fn clear_faults(&mut self) {
+        self.faults.clear();
+    }
+
     /// Flips bits (`mask`) of the byte at `offset` of file `name`, both in the
     /// page cache and on the medium (bit rot).
     pub fn flip(&mut self, name: &str, offset: usize, mask: u8) {
@@ -80,12 +115,16 @@ impl MemDisk {
 
     /// The disk after a crash: only durable names, with durable contents.
     pub fn crash(&self) -> MemDisk {
-        let mut out = MemDisk { short_io: self.short_io, ..MemDisk::default() };
+        let mut out = MemDisk {
+            short_io: self.short_io,
+            failed_fsync_keeps_pages: self.failed_fsync_keeps_pages,
+            ..MemDisk::default()
+        };
         for (name, &ino) in &self.durable_dir {
             let durable = self.inodes[ino].durable.clone();
             out.current.insert(name.clone(), out.inodes.len());
             out.durable_dir.insert(name.clone(), out.inodes.len());
-            out.inodes.push(MemFile { data: durable.clone(), durable });
+            out.inodes.push(MemFile { data: durable.clone(), durable, dirty: Vec::new() });
         }
         out
     }
@@ -97,17 +136,17 @@ impl MemDisk {
         let f = &mut d.inodes[d.current[name]];
         assert!(f.data.starts_with(&f.durable), "{name}: unsynced data is not an append");
         let end = (f.durable.len() + n_bytes).min(f.data.len());
-        f.durable = f.data[..end].to_vec();
+        f.durable = f.synced()[..end].to_vec();
         d.crash()
     }
 
-    /// A crash at an arbitrary moment, as a real disk and file system may
-    /// leave it: each unsynced 512-byte sector of each file is kept new,
-    /// left old, or torn to garbage; each file's length ends up anywhere
-    /// between its durable and its current length (at a sector boundary or
-    /// at either end); creations and removals not yet made durable by a
-    /// directory sync each happen or not. `pick(n)` returns a random number
-    /// in `0..n`.
+    /// A power loss at an arbitrary moment, as a real disk and file system
+    /// may leave it: each 512-byte sector touched by a dirty range is kept
+    /// new, left old, or torn to garbage (other sectors keep what the medium
+    /// has); each file's length ends up anywhere between its durable and its
+    /// current length (at a sector boundary or at either end); creations and
+    /// removals not yet made durable by a directory sync each happen or not.
+    /// `pick(n)` returns a random number in `0..n`.
     pub fn crash_random(&self, pick: &mut dyn FnMut(u64) -> u64) -> MemDisk {
         const SECTOR: usize = 512;
         let mut d = self.clone();
@@ -131,7 +170,8 @@ impl MemDisk {
             }
         }
         for f in &mut d.inodes {
-            let (old, new) = (&f.durable, &f.data);
+            let synced = f.synced();
+            let (old, new) = (&f.durable, &synced);
             let len = match pick(3) {
                 0 => old.len(),
                 1 => new.len(),
@@ -147,7 +187,8 @@ impl MemDisk {
                 let o = old.get(start..end.min(old.len())).unwrap_or(&[]);
                 let n = new.get(start..end.min(new.len())).unwrap_or(&[]);
                 let sector = &mut out[start..end];
-                if o == n && o.len() == sector.len() {
+                let touched = (start..end).any(|i| f.is_dirty(i));
+                if !touched && o.len() == sector.len() {
                     sector.copy_from_slice(o);
                     continue;
                 }
@@ -180,10 +221,15 @@ impl MemDisk {
     pub fn execute(&mut self, op: &DiskOp) -> Result<DiskDone, DiskError> {
         if let Some(e) = self.take_fault(op) {
             if let DiskOp::SyncFile { name } = op {
-                // As Linux does: the dirty pages are dropped, the error is
-                // reported once.
+                // The error is reported once; the dirty pages never reach the
+                // medium. They are dropped, or kept in the cache marked clean
+                // (so a later fsync "succeeds" without writing them).
+                let keep = self.failed_fsync_keeps_pages;
                 if let Ok(f) = self.inode(name) {
-                    f.data = f.durable.clone();
+                    if !keep {
+                        f.data = f.durable.clone();
+                    }
+                    f.dirty.clear();
                 }
             }
             return Err(e);
@@ -218,15 +264,32 @@ impl MemDisk {
                     f.data.resize(start + n, 0);
                 }
                 f.data[start..start + n].copy_from_slice(&data[..n]);
+                f.dirty.push((start, start + n));
                 Ok(DiskDone::Written { len_bytes: n as u64 })
             }
             DiskOp::Truncate { name, len } => {
-                self.inode(name)?.data.resize(*len as usize, 0);
+                let f = self.inode(name)?;
+                let len = *len as usize;
+                let old_len = f.data.len();
+                f.data.resize(len, 0);
+                if len > old_len {
+                    f.dirty.push((old_len, len));
+                }
                 Ok(DiskDone::Done)
             }
             DiskOp::SyncFile { name } => {
                 let f = self.inode(name)?;
-                f.durable = f.data.clone();
+                f.durable = f.synced();
+                f.dirty.clear();
+                Ok(DiskDone::Done)
+            }
+            DiskOp::DropCache { name } => {
+                let f = self.inode(name)?;
+                for i in 0..f.data.len() {
+                    if !f.is_dirty(i) {
+                        f.data[i] = f.durable.get(i).copied().unwrap_or(0);
+                    }
+                }
                 Ok(DiskDone::Done)
             }
             DiskOp::SyncDir => {
