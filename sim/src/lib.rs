@@ -1,0 +1,11 @@
+//! The deterministic simulator: one u64 seed reproduces a whole run. See
+//! `sim/DESIGN.md` for one line per module.
+
+pub mod lbs_workload;
+pub mod rng;
+pub mod runner;
+pub mod scenario;
+pub mod storage;
+pub mod time;
+pub mod trace;
+pub mod world;

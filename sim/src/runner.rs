@@ -1,0 +1,123 @@
+//! Running seeds: one (with its outcome and the command that replays it),
+//! or a sweep of many over a directory of scenarios, on several threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::scenario::Scenario;
+use crate::world::{Outcome, World};
+
+/// Runs `seed` of `scenario`. A panic (in a node or in the simulator) is
+/// the run's failure, not the sweep's end.
+pub fn run_seed(scenario: &Scenario, seed: u64, keep_trace: bool) -> Outcome {
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        World::new(scenario, seed, keep_trace).run(seed)
+    }));
+    run.unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown".into());
+        Outcome::panicked(seed, scenario.draw(seed), format!("panicked: {message}"))
+    })
+}
+
+/// The command that replays `seed` of the scenario at `path`.
+pub fn replay_command(path: &Path, seed: u64) -> String {
+    format!("cargo run --release -p kivaloo-sim -- run {} --seed {seed} --trace", path.display())
+}
+
+/// A failed seed, ready to report.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub scenario: PathBuf,
+    pub outcome: Outcome,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let o = &self.outcome;
+        writeln!(
+            f,
+            "FAILED: {} seed {}: {}",
+            self.scenario.display(),
+            o.seed,
+            o.failure.as_deref().unwrap_or("?")
+        )?;
+        writeln!(f, "  drawn: {:?}", o.drawn)?;
+        write!(f, "  replay: {}", replay_command(&self.scenario, o.seed))
+    }
+}
+
+/// Totals of a sweep.
+#[derive(Debug, Clone, Default)]
+pub struct SweepReport {
+    pub runs: u64,
+    pub requests: u64,
+    pub crashes: u64,
+    pub power_losses: u64,
+    pub failures: Vec<Failure>,
+    /// Probe counts summed over the sweep.
+    pub probes: std::collections::BTreeMap<String, u64>,
+}
+
+/// The scenario files in `dir` (not in subdirectories), sorted.
+///
+/// # Errors
+/// The directory cannot be read.
+pub fn scenario_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Runs seeds `0..seeds` (or each scenario's own count if `None`) of every
+/// scenario, on `jobs` threads.
+///
+/// # Errors
+/// A scenario cannot be loaded.
+pub fn sweep(files: &[PathBuf], seeds: Option<u64>, jobs: usize) -> Result<SweepReport, String> {
+    let mut work = Vec::new();
+    for path in files {
+        let scenario = Arc::new(Scenario::load(path)?);
+        for seed in 0..seeds.unwrap_or(scenario.seeds) {
+            work.push((path.clone(), scenario.clone(), seed));
+        }
+    }
+    let work = Arc::new(work);
+    let next = Arc::new(AtomicU64::new(0));
+    let report = Arc::new(Mutex::new(SweepReport::default()));
+    let threads: Vec<_> = (0..jobs.max(1))
+        .map(|_| {
+            let (work, next, report) = (work.clone(), next.clone(), report.clone());
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some((path, scenario, seed)) = work.get(i) else { break };
+                let outcome = run_seed(scenario, *seed, false);
+                let mut r = report.lock().expect("report lock");
+                r.runs += 1;
+                r.requests += outcome.requests;
+                r.crashes += outcome.crashes;
+                r.power_losses += outcome.power_losses;
+                for (name, n) in &outcome.probes {
+                    *r.probes.entry(name.clone()).or_default() += n;
+                }
+                if outcome.failure.is_some() {
+                    r.failures.push(Failure { scenario: path.clone(), outcome });
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().map_err(|_| "a sweep thread panicked".to_string())?;
+    }
+    let mut report = Arc::try_unwrap(report).expect("threads joined").into_inner().expect("report lock");
+    report.failures.sort_by_key(|f| (f.scenario.clone(), f.outcome.seed));
+    Ok(report)
+}
