@@ -81,6 +81,13 @@ pub struct FaultRanges {
     pub net_latency_us: Range,
     /// Disk operation latency in microseconds.
     pub disk_latency_us: Range,
+    /// How fast the node's clock runs against virtual time (1.0: exactly).
+    pub clock_rate: Range,
+    /// How late a node's timer may fire, in microseconds.
+    pub timer_late_us: Range,
+    /// lbs's `-l`: latency added to every GET response, in microseconds
+    /// (exercises the node's timers).
+    pub read_latency_us: Range,
 }
 
 /// What one seed drew from a scenario.
@@ -95,6 +102,9 @@ pub struct Drawn {
     pub disk: DiskFaults,
     pub net_latency_us: [u64; 2],
     pub disk_latency_us: [u64; 2],
+    pub clock_rate: f64,
+    pub timer_late_us: u64,
+    pub read_latency_us: u64,
 }
 
 impl Scenario {
@@ -151,6 +161,12 @@ impl Scenario {
         };
         let net = [f.net_latency_us[0] as u64, f.net_latency_us[1].max(f.net_latency_us[0]) as u64];
         let dsk = [f.disk_latency_us[0] as u64, f.disk_latency_us[1].max(f.disk_latency_us[0]) as u64];
+        let clock_rate = match f.clock_rate {
+            [0.0, 0.0] => 1.0,
+            r => d(r).max(0.01),
+        };
+        let timer_late_us = d(f.timer_late_us) as u64;
+        let read_latency_us = d(f.read_latency_us) as u64;
         let w = &self.workload;
         let block_size = w.block_sizes[rng.below(w.block_sizes.len() as u64) as usize];
         let in_flight = rng.range(w.in_flight[0], w.in_flight[1].max(w.in_flight[0]));
@@ -165,6 +181,9 @@ impl Scenario {
             disk,
             net_latency_us: net,
             disk_latency_us: dsk,
+            clock_rate,
+            timer_late_us,
+            read_latency_us,
         }
     }
 }

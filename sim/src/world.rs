@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use bytes::{Bytes, BytesMut};
 use kivaloo::contract::{ConnClosed, ConnId, DiskErrorKind, DiskOp, DiskOpId, Input, Node, Output};
 use kivaloo::packet::PacketDecoder;
+use kivaloo::Instant;
 use kivaloo_nodes::lbs::{LbsConfig, LbsNode};
 
 use crate::lbs_workload::LbsClient;
@@ -41,7 +42,9 @@ enum Ev {
     Timer { inc: u64 },
     /// The client may act.
     ClientTick,
-    /// Every virtual ms while faults are on: maybe crash, maybe reset.
+    /// About every virtual ms (at random intervals, so that crashes land
+    /// between any two events) while faults are on: maybe crash, maybe
+    /// reset.
     Chaos,
     /// Start the node again.
     Restart,
@@ -121,8 +124,10 @@ pub struct World {
     q: EventQueue<Ev>,
     trace: Trace,
     drawn: Drawn,
-    lbs_cfg: LbsConfig,
-    node: Option<LbsNode>,
+    /// Builds the node for each (re)start: any `Node` runs here.
+    make_node: Box<dyn Fn() -> Box<dyn Node>>,
+    node: Option<Box<dyn Node>>,
+    time_rng: Stream,
     /// Incarnation of the node: events of earlier ones are ignored.
     inc: u64,
     /// This incarnation's fsync failed (it must acknowledge nothing more).
@@ -160,16 +165,22 @@ impl World {
     pub fn new(scenario: &Scenario, seed: u64, keep_trace: bool) -> World {
         let drawn = scenario.draw(seed);
         let rec = kivaloo_nodes::lbs::layout::record_len(drawn.block_size);
-        let lbs_cfg =
-            LbsConfig { file_len_min_bytes: drawn.file_blocks * rec, ..LbsConfig::new(drawn.block_size) };
+        let lbs_cfg = LbsConfig {
+            file_len_min_bytes: drawn.file_blocks * rec,
+            read_latency_ns: drawn.read_latency_us * US,
+            ..LbsConfig::new(drawn.block_size)
+        };
+        let make_node: Box<dyn Fn() -> Box<dyn Node>> =
+            Box::new(move || Box::new(LbsNode::new(lbs_cfg.clone())));
         let client = LbsClient::new(drawn.block_size, drawn.in_flight, scenario.workload.requests);
         World {
             q: EventQueue::default(),
             trace: Trace::new(keep_trace),
             disk: SimDisk::new(drawn.disk.clone()),
             drawn,
-            lbs_cfg,
+            make_node,
             node: None,
+            time_rng: Stream::new(seed, Concern::Time),
             inc: 0,
             fsync_failed: false,
             disk_errors: 0,
@@ -335,8 +346,11 @@ impl World {
                 }
                 self.timer_at = None;
                 let due = self.node.as_ref().and_then(|n| n.poll_timeout());
-                if due.is_some_and(|t| t <= self.q.now()) {
+                if due.is_some_and(|t| t <= self.node_now()) {
+                    *self.probes.entry("sim: node timers fired".into()).or_default() += 1;
                     self.input(Input::Timeout);
+                } else if due.is_some() {
+                    self.drain(); // re-arm for the rounding of the clock rate
                 }
             }
             Ev::ClientTick => {
@@ -364,7 +378,7 @@ impl World {
         if self.conn.is_some() && self.crash_rng.chance(self.drawn.reset_per_ms) {
             self.reset_connection();
         }
-        self.q.after(MS, Ev::Chaos);
+        self.q.after(self.crash_rng.range(1, 2 * MS), Ev::Chaos);
     }
 
     fn reset_connection(&mut self) {
@@ -420,12 +434,23 @@ impl World {
         self.trace.event(now, "start", &[self.inc], || format!("lbs incarnation {}", self.inc));
         self.fsync_failed = false;
         self.disk_errors = 0;
-        self.node = Some(LbsNode::new(self.lbs_cfg.clone()));
+        self.node = Some((self.make_node)());
         self.drain();
     }
 
+    /// The node's clock: virtual time at the seed's clock rate (a node's
+    /// clock may run fast or slow; it never goes backwards).
+    fn node_now(&self) -> Instant {
+        Instant::from_nanos((self.now() as f64 * self.drawn.clock_rate) as u64)
+    }
+
+    /// Virtual time at which the node's clock reads `node_ns`.
+    fn virtual_at(&self, node_ns: u64) -> u64 {
+        ((node_ns as f64 / self.drawn.clock_rate).ceil() as u64).max(self.now())
+    }
+
     fn input(&mut self, input: Input) {
-        let now = self.q.now();
+        let now = self.node_now();
         let Some(node) = self.node.as_mut() else { return };
         node.handle_input(now, input);
         self.drain();
@@ -517,13 +542,14 @@ impl World {
                 }
             }
         }
-        // The node's timer.
-        let due = self.node.as_ref().and_then(|n| n.poll_timeout()).map(|t| t.nanos);
+        // The node's timer, which fires late by up to the seed's lateness.
+        let due = self.node.as_ref().and_then(|n| n.poll_timeout()).map(|t| self.virtual_at(t.nanos));
         if let Some(due) = due {
             if self.timer_at.is_none_or(|t| due < t) {
                 self.timer_at = Some(due);
                 let inc = self.inc;
-                self.q.at(kivaloo::Instant::from_nanos(due), Ev::Timer { inc });
+                let late = self.time_rng.below(self.drawn.timer_late_us + 1) * US;
+                self.q.at(Instant::from_nanos(due + late), Ev::Timer { inc });
             }
         }
     }
@@ -610,6 +636,11 @@ impl World {
             self.client.issue(&mut self.work_rng, &mut out);
         }
         if !out.is_empty() {
+            let now = self.q.now();
+            let (len, in_flight) = (out.len() as u64, self.client.in_flight() as u64);
+            self.trace.event(now, "client-send", &[len, in_flight], || {
+                format!("{len} bytes of requests, {in_flight} in flight")
+            });
             self.client_sends(out.freeze());
         }
     }

@@ -67,6 +67,7 @@ fn every_scenario_passes_its_ci_seeds_twice_alike_and_reaches_every_probe() {
         "sim: crashes",
         "sim: power losses",
         "sim: connection resets",
+        "sim: node timers fired",
         "disk: torn_writes",
         "disk: dropped_writes",
         "disk: failed_fsyncs",
