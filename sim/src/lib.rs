@@ -2,6 +2,7 @@
 //! `sim/DESIGN.md` for one line per module.
 
 pub mod lbs_workload;
+pub mod network;
 pub mod rng;
 pub mod runner;
 pub mod scenario;

@@ -14,6 +14,7 @@ use kivaloo::Instant;
 use kivaloo_nodes::lbs::{LbsConfig, LbsNode};
 
 use crate::lbs_workload::LbsClient;
+use crate::network::Pipe;
 use crate::rng::{Concern, Stream};
 use crate::scenario::{Drawn, Scenario};
 use crate::storage::{DiskFaults, SimDisk};
@@ -109,9 +110,8 @@ struct Conn {
     node_reading: bool,
     /// Bytes for the node held while it does not read.
     held: VecDeque<Bytes>,
-    /// When the last byte queued towards each side arrives (to keep order).
-    to_node_at: u64,
-    to_client_at: u64,
+    to_node: Pipe,
+    to_client: Pipe,
     client_decoder: PacketDecoder,
     /// The node closed it; the client will learn after the last bytes.
     node_closed: bool,
@@ -469,8 +469,8 @@ impl World {
                     if let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) {
                         c.node_closed = true;
                         c.close_reason = reason;
-                        let at = c.to_client_at.max(now.nanos) + 1;
-                        self.q.at(kivaloo::Instant::from_nanos(at), Ev::ClosedByNode { conn });
+                        let at = c.to_client.last_arrival_ns().max(now.nanos) + 1;
+                        self.q.at(Instant::from_nanos(at), Ev::ClosedByNode { conn });
                     }
                 }
                 Output::ReadInterest { conn, enabled } => {
@@ -559,23 +559,13 @@ impl World {
     fn node_sends(&mut self, conn: ConnId, data: Bytes) {
         let tainted = self.fsync_failed;
         let now = self.now();
-        let [lo, hi] = self.drawn.net_latency_us;
         let Some(c) = self.conn.as_mut().filter(|c| c.id == conn && !c.node_closed) else { return };
         let len = data.len() as u64;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let piece_len = if self.net_rng.chance(0.5) {
-                rest.len()
-            } else {
-                1 + self.net_rng.below(rest.len() as u64) as usize
-            };
-            let piece = rest.split_to(piece_len);
-            let at = (now + self.net_rng.range(lo, hi) * US).max(c.to_client_at) + 1;
-            c.to_client_at = at;
-            self.q.at(kivaloo::Instant::from_nanos(at), Ev::ToClient { conn, data: piece, tainted });
+        for (at, piece) in c.to_client.send(&mut self.net_rng, now, self.drawn.net_latency_us, data) {
+            self.q.at(Instant::from_nanos(at), Ev::ToClient { conn, data: piece, tainted });
         }
-        let at = c.to_client_at;
-        self.q.at(kivaloo::Instant::from_nanos(at), Ev::Sent { conn, len });
+        let at = c.to_client.last_arrival_ns();
+        self.q.at(Instant::from_nanos(at), Ev::Sent { conn, len });
     }
 
     fn deliver_to_client(&mut self, conn: ConnId, data: Bytes, tainted: bool) {
@@ -621,8 +611,8 @@ impl World {
                 id,
                 node_reading: true,
                 held: VecDeque::new(),
-                to_node_at: 0,
-                to_client_at: 0,
+                to_node: Pipe::default(),
+                to_client: Pipe::default(),
                 client_decoder: PacketDecoder::new(),
                 node_closed: false,
                 close_reason: String::new(),
@@ -648,20 +638,10 @@ impl World {
     /// The client's bytes go towards the node, split and delayed, in order.
     fn client_sends(&mut self, data: Bytes) {
         let now = self.now();
-        let [lo, hi] = self.drawn.net_latency_us;
         let Some(c) = self.conn.as_mut() else { return };
         let conn = c.id;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let piece_len = if self.net_rng.chance(0.5) {
-                rest.len()
-            } else {
-                1 + self.net_rng.below(rest.len() as u64) as usize
-            };
-            let piece = rest.split_to(piece_len);
-            let at = (now + self.net_rng.range(lo, hi) * US).max(c.to_node_at) + 1;
-            c.to_node_at = at;
-            self.q.at(kivaloo::Instant::from_nanos(at), Ev::ToNode { conn, data: piece });
+        for (at, piece) in c.to_node.send(&mut self.net_rng, now, self.drawn.net_latency_us, data) {
+            self.q.at(Instant::from_nanos(at), Ev::ToNode { conn, data: piece });
         }
     }
 }
