@@ -15,7 +15,7 @@
 //! only: damaged acknowledged data may be reported missing (a dropped
 //! connection, a refusal to start), never returned wrong.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{Bytes, BytesMut};
 use kivaloo::lbs_proto::{LbsRequest, LbsRequestKind, LbsResponse};
@@ -79,6 +79,8 @@ pub struct LbsClient {
     verified: bool,
     /// Damage happened: check honesty only.
     pub damaged: bool,
+    /// Block numbers whose records the damage touched (precise relaxation).
+    pub damaged_blocks: BTreeSet<u64>,
     pub stats: LbsStats,
 }
 
@@ -104,12 +106,23 @@ impl LbsClient {
             verifying: false,
             verified: false,
             damaged: false,
+            damaged_blocks: BTreeSet::new(),
             stats: LbsStats::default(),
         }
     }
 
+    /// Damage touched a block in `lo..hi`.
+    fn damage_in(&self, lo: u64, hi: u64) -> bool {
+        lo < hi && self.damaged_blocks.range(lo..hi).next().is_some()
+    }
+
+    /// Damage touched a block that must still be there.
+    pub fn damage_touches_live(&self) -> bool {
+        self.damage_in(0, self.next_seen.max(self.acked.keys().next_back().map_or(0, |b| b + 1)))
+    }
+
     fn must_exist(&self, block: u64) -> bool {
-        !self.damaged
+        !self.damaged_blocks.contains(&block)
             && (self.acked.contains_key(&block) || self.seen.contains_key(&block))
             && block >= self.freed_below
     }
@@ -257,6 +270,8 @@ impl LbsClient {
                             return Err(format!("GET {block} returned bytes never sent for that block"));
                         }
                         self.seen.insert(block, data);
+                        // lbs serves only durable blocks: the store now ends past this one.
+                        self.next_seen = self.next_seen.max(block + 1);
                     }
                     None if must_exist => {
                         return Err(format!("block {block}, acknowledged or read before, is missing"));
@@ -269,7 +284,16 @@ impl LbsClient {
                 if block_size != self.block_size {
                     return Err(format!("PARAMS2 block size {block_size}, expected {}", self.block_size));
                 }
-                if next_block < self.next_seen && !self.damaged {
+                if next_block < self.next_seen
+                    && self.next_seen - next_block <= 4 * self.in_flight_max
+                    && self.damage_in(next_block, self.next_seen)
+                {
+                    // The newest batch rotted and was rolled back (lbs's stated limitation).
+                    self.acked.retain(|b, _| *b < next_block);
+                    self.seen.retain(|b, _| *b < next_block);
+                    self.next_seen = next_block;
+                }
+                if next_block < self.next_seen {
                     return Err(format!(
                         "next block {next_block} went below {} (seen before)",
                         self.next_seen
@@ -288,7 +312,7 @@ impl LbsClient {
                         self.verify_queue = (0..next_block).rev().collect();
                         let acked_past_end =
                             self.must_exist(next_block) || self.acked.range(next_block..).next().is_some();
-                        if acked_past_end && !self.damaged {
+                        if acked_past_end {
                             return Err(format!("acknowledged blocks past the next block {next_block}"));
                         }
                     }

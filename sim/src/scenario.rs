@@ -161,16 +161,18 @@ impl Scenario {
         };
         let net = [f.net_latency_us[0] as u64, f.net_latency_us[1].max(f.net_latency_us[0]) as u64];
         let dsk = [f.disk_latency_us[0] as u64, f.disk_latency_us[1].max(f.disk_latency_us[0]) as u64];
+        let w = &self.workload;
+        let block_size = w.block_sizes[rng.below(w.block_sizes.len() as u64) as usize];
+        let in_flight = rng.range(w.in_flight[0], w.in_flight[1].max(w.in_flight[0]));
+        let file_blocks = rng.range(w.file_blocks[0].max(1), w.file_blocks[1].max(w.file_blocks[0]).max(1));
+        // Drawn last, so that adding them kept the earlier draws of every seed.
+        let mut d = |r: Range| rng.f64_in(r[0].min(r[1]), r[0].max(r[1]));
         let clock_rate = match f.clock_rate {
             [0.0, 0.0] => 1.0,
             r => d(r).max(0.01),
         };
         let timer_late_us = d(f.timer_late_us) as u64;
         let read_latency_us = d(f.read_latency_us) as u64;
-        let w = &self.workload;
-        let block_size = w.block_sizes[rng.below(w.block_sizes.len() as u64) as usize];
-        let in_flight = rng.range(w.in_flight[0], w.in_flight[1].max(w.in_flight[0]));
-        let file_blocks = rng.range(w.file_blocks[0].max(1), w.file_blocks[1].max(w.file_blocks[0]).max(1));
         Drawn {
             block_size,
             in_flight,

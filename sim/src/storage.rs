@@ -29,11 +29,13 @@
 //!
 //! **Crash: whole, dropped or torn writes.** At [`SimDisk::crash`], the log
 //! of every inode is applied to its durable bytes in order. Each write is,
-//! with probability `torn_write`, torn: a random prefix (possibly empty,
-//! never all) of the 512-byte sectors it touches, on the file's absolute
-//! sector grid, is written and every other sector it touches is filled with
-//! garbage (including any old bytes of those sectors that the write did not
-//! cover); otherwise it is kept whole or dropped, 50/50. Each Truncate is
+//! with probability `torn_write`, torn: half the time a random prefix
+//! (possibly empty, never all) of the 512-byte sectors it touches, on the
+//! file's absolute sector grid, is written and every other sector it touches
+//! is filled with garbage (including any old bytes of those sectors that the
+//! write did not cover); the other half each sector it touches is new or
+//! garbage independently, at least one garbage (sectors reach the medium in
+//! any order); otherwise it is kept whole or dropped, 50/50. Each Truncate is
 //! kept or dropped, 50/50. So the durable length becomes the maximum of the
 //! old length and the end of every kept or torn write, unless a kept
 //! Truncate cut it. Then the cache is the durable state and the logs are
@@ -185,6 +187,8 @@ pub struct FaultCounts {
     pub rotted: u64,
     /// Unsynced writes torn at a crash.
     pub torn_writes: u64,
+    /// Of those, the ones whose sectors landed in any order (not a prefix).
+    pub scattered_torn_writes: u64,
     /// Unsynced writes dropped at a crash.
     pub dropped_writes: u64,
     /// Unsynced writes kept whole at a crash.
@@ -203,7 +207,7 @@ pub struct FaultCounts {
 
 impl FaultCounts {
     /// Every counter with its name, in a fixed order.
-    pub fn pairs(&self) -> [(&'static str, u64); 22] {
+    pub fn pairs(&self) -> [(&'static str, u64); 23] {
         [
             ("eio_reads", self.eio_reads),
             ("eio_writes", self.eio_writes),
@@ -220,6 +224,7 @@ impl FaultCounts {
             ("lost_writes", self.lost_writes),
             ("rotted", self.rotted),
             ("torn_writes", self.torn_writes),
+            ("scattered_torn_writes", self.scattered_torn_writes),
             ("dropped_writes", self.dropped_writes),
             ("kept_writes", self.kept_writes),
             ("kept_truncates", self.kept_truncates),
@@ -438,9 +443,24 @@ impl Inode {
                         let last = (offset + data.len() - 1) / SECTOR_USIZE;
                         let written = rng.below((last - first + 1) as u64) as usize;
                         apply_write(&mut self.durable, offset, &data, rng);
-                        let from = (first + written) * SECTOR_USIZE;
-                        let to = ((last + 1) * SECTOR_USIZE).min(self.durable.len());
-                        rng.fill(&mut self.durable[from..to]);
+                        if rng.below(2) == 0 {
+                            // A prefix of its sectors reached the medium.
+                            let from = (first + written) * SECTOR_USIZE;
+                            let to = ((last + 1) * SECTOR_USIZE).min(self.durable.len());
+                            rng.fill(&mut self.durable[from..to]);
+                        } else {
+                            // Sectors reached the medium in any order: each one
+                            // is new or garbage.
+                            counts.scattered_torn_writes += 1;
+                            let surely_torn = first + rng.below((last - first + 1) as u64) as usize;
+                            for sector in first..=last {
+                                if sector == surely_torn || rng.below(2) == 0 {
+                                    let from = sector * SECTOR_USIZE;
+                                    let to = ((sector + 1) * SECTOR_USIZE).min(self.durable.len());
+                                    rng.fill(&mut self.durable[from..to]);
+                                }
+                            }
+                        }
                     } else if rng.below(2) == 0 {
                         counts.kept_writes += 1;
                         apply_write(&mut self.durable, offset, &data, rng);
@@ -965,7 +985,7 @@ mod tests {
             match sectors.as_str() {
                 "nnnn" => kept += 1,
                 "oooo" => dropped += 1,
-                s if s.ends_with('g') && s.trim_end_matches('g').chars().all(|c| c == 'n') => torn += 1,
+                s if s.contains('g') && s.chars().all(|c| c == 'n' || c == 'g') => torn += 1,
                 s => panic!("seed {seed}: sectors {s} are neither whole, dropped nor torn"),
             }
         }

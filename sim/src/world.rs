@@ -49,6 +49,8 @@ enum Ev {
     Chaos,
     /// Start the node again.
     Restart,
+    /// Hand the bytes held for the node over, in order.
+    DeliverHeld { conn: ConnId },
 }
 
 /// The outcome of one run.
@@ -154,6 +156,8 @@ pub struct World {
     resets: u64,
     node_exits: u64,
     tick_scheduled: bool,
+    /// Damage records already mapped to blocks.
+    damage_noted: usize,
     probes: BTreeMap<String, u64>,
     restart_pending: bool,
     /// This incarnation finished recovery and accepted connections.
@@ -202,6 +206,7 @@ impl World {
             resets: 0,
             node_exits: 0,
             tick_scheduled: false,
+            damage_noted: 0,
             probes: BTreeMap::new(),
             restart_pending: false,
             served: false,
@@ -281,6 +286,9 @@ impl World {
         let now = self.q.now();
         self.trace.event(now, "quiet", &[], || "faults stop; restart and read everything back".into());
         self.disk.set_faults(DiskFaults::default());
+        if self.conn.take().is_some() {
+            self.client.on_disconnected();
+        }
         self.crash(true);
         self.client.start_verify();
     }
@@ -307,7 +315,7 @@ impl World {
             }
             Ev::ToNode { conn, data } => {
                 let Some(c) = self.conn.as_mut().filter(|c| c.id == conn && !c.node_closed) else { return };
-                if !c.node_reading {
+                if !c.node_reading || !c.held.is_empty() {
                     c.held.push_back(data);
                     return;
                 }
@@ -326,7 +334,7 @@ impl World {
                         .event(now, "client-closed", &[conn.0], || format!("{conn} closed by the node"));
                     let reason = self.conn.take().map(|c| c.close_reason).unwrap_or_default();
                     if self.quiet {
-                        if self.client.damaged {
+                        if self.client.damage_touches_live() {
                             // Damage reported, not returned: that is all a
                             // damaged store owes.
                             self.finished_by_damage = true;
@@ -358,6 +366,16 @@ impl World {
                 self.client_tick();
             }
             Ev::Chaos => self.chaos(),
+            Ev::DeliverHeld { conn } => {
+                while let Some(data) = self
+                    .conn
+                    .as_mut()
+                    .filter(|c| c.id == conn && !c.node_closed && c.node_reading)
+                    .and_then(|c| c.held.pop_front())
+                {
+                    self.input(Input::Received { conn, data });
+                }
+            }
             Ev::Restart => {
                 self.restart_pending = false;
                 if self.node.is_none() {
@@ -417,8 +435,14 @@ impl World {
         self.inc += 1;
         self.accepting = false;
         self.timer_at = None;
-        if self.conn.take().is_some() {
-            self.client.on_disconnected();
+        // What the node already sent is in the kernel's socket buffer: it
+        // still reaches the client (an ack made before dying is an ack).
+        let now = self.now();
+        if let Some(c) = self.conn.as_mut().filter(|c| !c.node_closed) {
+            c.node_closed = true;
+            c.close_reason = "the node died".into();
+            let (conn, at) = (c.id, c.to_client.last_arrival_ns().max(now) + 1);
+            self.q.at(Instant::from_nanos(at), Ev::ClosedByNode { conn });
         }
         if !self.restart_pending {
             self.restart_pending = true;
@@ -446,7 +470,12 @@ impl World {
 
     /// Virtual time at which the node's clock reads `node_ns`.
     fn virtual_at(&self, node_ns: u64) -> u64 {
-        ((node_ns as f64 / self.drawn.clock_rate).ceil() as u64).max(self.now())
+        let mut v = ((node_ns as f64 / self.drawn.clock_rate).ceil() as u64).max(self.now());
+        // Float rounding may leave the node's clock a nanosecond short at v.
+        while ((v as f64 * self.drawn.clock_rate) as u64) < node_ns {
+            v += 1;
+        }
+        v
     }
 
     fn input(&mut self, input: Input) {
@@ -478,9 +507,8 @@ impl World {
                         c.node_reading = enabled;
                         if enabled {
                             // Hand over what was held, in order, now.
-                            let held: Vec<Bytes> = c.held.drain(..).collect();
-                            for data in held {
-                                self.q.after(0, Ev::ToNode { conn, data });
+                            if !c.held.is_empty() {
+                                self.q.after(0, Ev::DeliverHeld { conn });
                             }
                         }
                     }
@@ -521,9 +549,12 @@ impl World {
                     *self.probes.entry(probe.to_string()).or_default() += 1;
                     self.trace.event(now, "exit", &[], || reason.message.clone());
                     // An exit is legitimate after a disk error of this
-                    // incarnation or once the disk was damaged; otherwise
-                    // the node stopped for no reason the fault model gave.
-                    let damaged = !self.disk.damage().is_empty();
+                    // incarnation, or when damage touched blocks the store
+                    // holds; otherwise the node stopped for no reason the
+                    // fault model gave.
+                    self.note_damage();
+                    let damaged = self.client.damage_touches_live();
+                    let refused = !self.served;
                     if self.disk_errors == 0 && !damaged {
                         self.fail(format!(
                             "lbs exited without a disk fault to explain it: {}",
@@ -531,10 +562,17 @@ impl World {
                         ));
                     } else if self.quiet && !damaged {
                         self.fail(format!("lbs did not come up after faults stopped: {}", reason.message));
-                    } else if damaged && (self.quiet || !self.served) {
-                        // A damaged store that refuses to start (or stops)
-                        // has reported the damage: all it owes.
+                    } else if self.quiet {
+                        // A damaged store that refuses to start has reported
+                        // the damage: all it owes.
                         self.finished_by_damage = true;
+                    } else if refused && damaged {
+                        // Faults stop; if it still refuses without them, the
+                        // run ends there (above).
+                        self.node = None;
+                        self.after_node_gone();
+                        self.begin_quiet_phase();
+                        return;
                     }
                     self.node = None;
                     self.after_node_gone();
@@ -589,6 +627,44 @@ impl World {
         self.schedule_tick(0);
     }
 
+    /// Maps the disk's damage to the lbs blocks whose records it touched
+    /// (a damaged header: every block of the file).
+    fn note_damage(&mut self) {
+        use crate::storage::Damage;
+        use kivaloo_nodes::lbs::layout::{parse_file_name, record_len, FILE_HEADER_LEN};
+        let rec = record_len(self.drawn.block_size);
+        let mut firsts: Vec<u64> = self.disk.names().iter().filter_map(|n| parse_file_name(n)).collect();
+        let mut ranges = Vec::new();
+        let seen = self.damage_noted;
+        self.damage_noted = self.disk.damage().len();
+        for d in &self.disk.damage()[seen..] {
+            let (file, spans) = match d {
+                Damage::BitRot { file, offset } => (file, vec![(*offset, 1)]),
+                Damage::Misdirected { file, intended_offset, landed_offset, len } => {
+                    let mut v = vec![(*intended_offset, *len)];
+                    v.extend(landed_offset.map(|o| (o, *len)));
+                    (file, v)
+                }
+            };
+            let Some(first) = parse_file_name(file) else { continue };
+            firsts.push(first);
+            ranges.push((first, spans));
+        }
+        firsts.sort();
+        for (first, spans) in ranges {
+            for (off, len) in spans {
+                if off < FILE_HEADER_LEN {
+                    let end = firsts.iter().copied().find(|f| *f > first).unwrap_or(first + 65536);
+                    self.client.damaged_blocks.extend(first..end);
+                    continue;
+                }
+                let lo = first + (off - FILE_HEADER_LEN) / rec;
+                let hi = first + (off + len.max(1) - 1 - FILE_HEADER_LEN) / rec;
+                self.client.damaged_blocks.extend(lo..=hi);
+            }
+        }
+    }
+
     fn schedule_tick(&mut self, delay: u64) {
         if !self.tick_scheduled {
             self.tick_scheduled = true;
@@ -598,6 +674,7 @@ impl World {
 
     fn client_tick(&mut self) {
         self.client.damaged = !self.disk.damage().is_empty();
+        self.note_damage();
         let mut out = BytesMut::new();
         if self.conn.is_none() {
             if !self.accepting || self.node.is_none() {
