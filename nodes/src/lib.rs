@@ -1,6 +1,6 @@
 //! The sans-IO state machines of kivaloo. Each node implements
-//! [`kivaloo::contract::Node`]: it never performs I/O, reads a clock, or
-//! uses ambient randomness; a driver (io-shim's tokio runtime, or the
+//! [`kivaloo::contract::Node`]: it performs no I/O and reads neither clocks
+//! nor random sources; a driver (the real runtime in io-shim, or the
 //! simulator) moves bytes and disk results in and out. See `DESIGN.md`.
 
 pub mod lbs;
