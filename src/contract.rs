@@ -45,6 +45,18 @@ impl fmt::Display for ConnId {
     }
 }
 
+impl ConnId {
+    /// The connection to a node's upstream (kvlds to its lbs, mux to its
+    /// kvlds). The driver opens it before it builds the node, so it is open
+    /// from the node's first input: bytes on it arrive as
+    /// [`Input::Received`], and [`Output::Send`], [`Output::ReadInterest`]
+    /// and [`Input::Sent`] work on it as on any connection. If it ends, the
+    /// driver reports [`Input::Closed`] for it and never reopens it; a node
+    /// that needs its upstream exits. Drivers never give this id to an
+    /// accepted connection.
+    pub const UPSTREAM: ConnId = ConnId(u64::MAX);
+}
+
 /// A disk operation, named by the node when it asks for it; the completion
 /// carries the same id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -3,4 +3,5 @@
 //! nor random sources; a driver (the real runtime in io-shim, or the
 //! simulator) moves bytes and disk results in and out. See `DESIGN.md`.
 
+pub mod kvlds;
 pub mod lbs;
