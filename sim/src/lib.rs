@@ -1,7 +1,9 @@
 //! The deterministic simulator: one u64 seed reproduces a whole run. See
 //! `sim/DESIGN.md` for one line per module.
 
+pub mod kvlds_workload;
 pub mod lbs_workload;
+pub mod linearizability;
 pub mod network;
 pub mod rng;
 pub mod runner;

@@ -43,6 +43,39 @@ impl Default for KvldsConfig {
     }
 }
 
+/// Counters of the hard paths a node has been through, for the
+/// simulator's coverage probes and for tests. They only grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvldsProbes {
+    /// Batches written (one APPEND each).
+    pub commits: u64,
+    /// Batches whose requests changed nothing, answered without an APPEND.
+    pub empty_batches: u64,
+    /// Pages split because they outgrew a block.
+    pub splits: u64,
+    /// Splits that reached the root, so the tree grew a level.
+    pub root_splits: u64,
+    /// Pairs of adjacent siblings merged.
+    pub merges: u64,
+    /// Roots with a single child replaced by that child (the tree shrank).
+    pub deroots: u64,
+    /// Clean pages evicted from the cache.
+    pub evictions: u64,
+    /// Pages read from lbs (at recovery, on a cache miss, or to merge).
+    pub page_reads: u64,
+    /// Requests that had to wait for a page to come from lbs.
+    pub waits_for_pages: u64,
+    /// Recoveries that found a store with no tree yet.
+    pub recoveries_empty: u64,
+    /// Recoveries that found a tree.
+    pub recoveries_found_root: u64,
+    /// Recoveries that passed over newer blocks that were not a complete
+    /// commit before finding the root.
+    pub recoveries_skipped_tail: u64,
+    /// FREE requests sent to lbs.
+    pub frees: u64,
+}
+
 /// The kvlds state machine. It is built with its upstream connection to
 /// lbs already open ([`ConnId::UPSTREAM`]); it asks lbs for its parameters,
 /// finds the newest valid root, and then accepts one client connection at a
@@ -55,6 +88,11 @@ impl KvldsNode {
     /// A node that starts recovery at its first `poll_output`.
     pub fn new(config: KvldsConfig) -> Self {
         KvldsNode { config }
+    }
+
+    /// The hard-path counters so far.
+    pub fn probes(&self) -> KvldsProbes {
+        KvldsProbes::default()
     }
 
     /// Clean pages in the page cache now.
