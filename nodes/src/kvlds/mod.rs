@@ -2,8 +2,58 @@
 //! connection at a time and stored in lbs through [`ConnId::UPSTREAM`].
 //! See `nodes/DESIGN.md` ("kvlds") for the page format, the commit path and
 //! recovery.
+//!
+//! In short: reads (GET, RANGE) run on the last committed tree, through a
+//! bounded page cache, many at once, each waiting only for the pages it
+//! needs. Modifying requests queue up and are applied in arrival order, a
+//! batch at a time, to a copy-on-write dirty tree on top of the committed
+//! one; the batch is rebalanced, written with one APPEND (the root last),
+//! and its requests are answered only once lbs has acknowledged that APPEND
+//! (so after its fsync). Then the new root becomes the committed tree.
 
-use kivaloo::contract::{ConnId, Input, Instant, Node, Output};
+mod cache;
+pub mod page;
+mod read;
+mod recovery;
+mod tree;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use kivaloo::contract::{ConnClosed, ConnId, ExitReason, Input, Instant, LogLevel, Node, Output};
+use kivaloo::kvlds_proto::{KvldsRequest, KvldsResponse};
+use kivaloo::lbs_proto::{LbsRequest, LbsRequestKind, LbsResponse};
+use kivaloo::packet::PacketDecoder;
+
+use cache::PageCache;
+use page::{Page, PAGE_HEADER_LEN};
+use read::{Descent, RangeScan};
+use recovery::{Scan, ScanStep};
+use tree::{DirtyTree, RootRef, Stall};
+
+/// Requests of the client connection in progress at once (queued, in a
+/// batch, or reading). At the bound the node stops reading from the
+/// connection (kivaloo's bound too).
+pub const PENDING_REQUESTS_MAX: usize = 4096;
+/// Response bytes sent to the client and not yet reported written
+/// (`Input::Sent`). At the bound the node stops handling its requests.
+pub const UNSENT_BYTES_MAX: u64 = 16 << 20;
+/// The most a RANGE returns, whatever byte budget it asks for (its `next`
+/// tells the client where to go on).
+pub const RANGE_BYTES_MAX: usize = 1 << 20;
+/// The most page data one commit writes (one APPEND). A batch stops taking
+/// requests when its estimated size reaches this; lbs takes up to 64 MiB.
+pub const COMMIT_BYTES_MAX: usize = 16 << 20;
+/// Pages read ahead for queued modifying requests at once, at most (and at
+/// most a quarter of the cache).
+pub const PREFETCH_PAGES_MAX: usize = 256;
+/// Queued modifying requests looked at for read-ahead each time.
+const PREFETCH_SCAN_MAX: usize = 128;
+/// The longest kvlds request record: CAS with three 255-byte strings.
+const REQUEST_RECORD_LEN_MAX: usize = 4 + 3 * 256;
+/// Default page cache size when neither `-C` nor `-c` is given.
+pub const CACHE_BYTES_DEFAULT: u64 = 128 << 20;
 
 /// How a kvlds node is configured (kivaloo's `kvlds` flags).
 #[derive(Debug, Clone)]
@@ -76,45 +126,828 @@ pub struct KvldsProbes {
     pub frees: u64,
 }
 
+/// The key and value limits for `block_size`: kivaloo's defaults (512+:
+/// 64/96, 1024+: 128/192, 2048+: 255/255) unless given.
+///
+/// # Errors
+/// A message for the operator when the limits cannot work with the block
+/// size: a longest key and value pair must fit in a third of a page's
+/// space for entries, and so must a separator entry of an internal page.
+pub fn key_value_limits(
+    block_size: usize,
+    key_len_max: Option<u32>,
+    value_len_max: Option<u32>,
+) -> Result<(usize, usize), String> {
+    let (k_default, v_default) = match block_size {
+        2048.. => (255, 255),
+        1024.. => (128, 192),
+        512.. => (64, 96),
+        _ => return Err(format!("block size {block_size} is below the 512 bytes kvlds needs")),
+    };
+    let k = key_len_max.map_or(k_default, |k| k as usize);
+    let v = value_len_max.map_or(v_default, |v| v as usize);
+    if k > 255 || v > 255 {
+        return Err(format!("keys and values are at most 255 bytes (asked for {k} and {v})"));
+    }
+    let room = block_size - PAGE_HEADER_LEN;
+    if 3 * page::pair_len(&vec![0; k], &vec![0; v]) > room || 3 * (1 + k + page::CHILD_REF_LEN) > room {
+        return Err(format!(
+            "a {k}-byte key and a {v}-byte value do not fit a third of a {block_size}-byte page \
+             ({} bytes for entries); use smaller -k/-v or larger blocks",
+            room
+        ));
+    }
+    Ok((k, v))
+}
+
+/// What the node is doing.
+enum Phase {
+    /// Waiting for lbs's PARAMS2 answer.
+    Params,
+    /// Looking for the newest valid root.
+    Recovering(Box<Scan>),
+    /// Serving clients.
+    Serving,
+    /// Exited; inputs are ignored.
+    Stopped,
+}
+
+/// An lbs request waiting for its answer.
+enum UpRequest {
+    Params2,
+    /// A page read (for readers, a batch, read-ahead, or recovery).
+    Get {
+        block: u64,
+    },
+    Append,
+    Free,
+}
+
+/// Who waits for a page being read.
+#[derive(Default)]
+struct Load {
+    readers: Vec<u64>,
+    batch: bool,
+    prefetch: bool,
+    recovery: bool,
+}
+
+/// The client connection.
+struct Client {
+    conn: ConnId,
+    /// Numbers connections, so answers for a closed one are dropped.
+    generation: u64,
+    decoder: PacketDecoder,
+    pending: usize,
+    unsent_bytes: u64,
+    reading: bool,
+    out: BytesMut,
+}
+
+/// A read in progress.
+struct ReadOp {
+    generation: u64,
+    req_id: u64,
+    kind: ReadKind,
+}
+
+enum ReadKind {
+    Get { key: Bytes, descent: Descent },
+    Range(Box<RangeScan>),
+}
+
+/// A modifying request waiting for a batch.
+struct QueuedWrite {
+    generation: u64,
+    req_id: u64,
+    request: KvldsRequest,
+    arrived: Instant,
+}
+
+/// The batch being built or written.
+struct Batch {
+    tree: DirtyTree,
+    /// (connection generation, request id, answer) in application order.
+    answers: Vec<(u64, u64, bool)>,
+    /// Set once the APPEND is sent: the pages, and the new root.
+    writing: Option<(Vec<Rc<Page>>, RootRef)>,
+    rebalancing: bool,
+}
+
 /// The kvlds state machine. It is built with its upstream connection to
 /// lbs already open ([`ConnId::UPSTREAM`]); it asks lbs for its parameters,
 /// finds the newest valid root, and then accepts one client connection at a
 /// time.
 pub struct KvldsNode {
     config: KvldsConfig,
+    now: Instant,
+    outputs: VecDeque<Output>,
+    phase: Phase,
+    block_size: usize,
+    key_len_max: usize,
+    value_len_max: usize,
+    cache: PageCache,
+    committed: Option<RootRef>,
+    next_block: u64,
+    freed_below: u64,
+    up_decoder: PacketDecoder,
+    up_next_id: u64,
+    up_pending: BTreeMap<u64, UpRequest>,
+    up_out: BytesMut,
+    loads: BTreeMap<u64, Load>,
+    prefetches: usize,
+    client: Option<Client>,
+    generations: u64,
+    reads: BTreeMap<u64, ReadOp>,
+    next_read: u64,
+    queue: VecDeque<QueuedWrite>,
+    batch: Option<Batch>,
+    probes: KvldsProbes,
 }
 
 impl KvldsNode {
-    /// A node that starts recovery at its first `poll_output`.
+    /// A node whose first output asks lbs for its parameters.
     pub fn new(config: KvldsConfig) -> Self {
-        KvldsNode { config }
+        let mut node = KvldsNode {
+            config,
+            now: Instant::default(),
+            outputs: VecDeque::new(),
+            phase: Phase::Params,
+            block_size: 0,
+            key_len_max: 0,
+            value_len_max: 0,
+            cache: PageCache::new(1),
+            committed: None,
+            next_block: 0,
+            freed_below: 0,
+            up_decoder: PacketDecoder::with_record_len_max(64),
+            up_next_id: 0,
+            up_pending: BTreeMap::new(),
+            up_out: BytesMut::new(),
+            loads: BTreeMap::new(),
+            prefetches: 0,
+            client: None,
+            generations: 0,
+            reads: BTreeMap::new(),
+            next_read: 0,
+            queue: VecDeque::new(),
+            batch: None,
+            probes: KvldsProbes::default(),
+        };
+        node.upstream(LbsRequest::Params2, UpRequest::Params2);
+        node.flush();
+        node
     }
 
     /// The hard-path counters so far.
     pub fn probes(&self) -> KvldsProbes {
-        KvldsProbes::default()
+        let mut p = self.probes;
+        p.evictions = self.cache.evictions();
+        p
     }
 
     /// Clean pages in the page cache now.
     pub fn cache_pages(&self) -> usize {
-        0
+        self.cache.len()
     }
 
     /// The cache bound in pages (0 until the block size is known).
     pub fn cache_pages_max(&self) -> usize {
-        let _ = &self.config;
-        0
+        if self.block_size == 0 {
+            0
+        } else {
+            self.cache.pages_max()
+        }
+    }
+
+    fn log(&mut self, level: LogLevel, message: String) {
+        self.outputs.push_back(Output::Log { level, message: format!("kvlds: {message}") });
+    }
+
+    /// Stops the node: every further input is ignored.
+    fn exit(&mut self, message: String) {
+        if matches!(self.phase, Phase::Stopped) {
+            return;
+        }
+        self.phase = Phase::Stopped;
+        self.log(LogLevel::Error, message.clone());
+        self.outputs
+            .push_back(Output::Exit(ExitReason { failure: true, message: format!("kvlds: {message}") }));
+    }
+
+    fn stopped(&self) -> bool {
+        matches!(self.phase, Phase::Stopped)
+    }
+
+    fn upstream(&mut self, request: LbsRequest, waiting: UpRequest) {
+        let id = self.up_next_id;
+        self.up_next_id += 1;
+        request.encode(id, &mut self.up_out);
+        self.up_pending.insert(id, waiting);
+    }
+
+    /// Sends what was encoded for lbs and the client, in one piece each.
+    fn flush(&mut self) {
+        if !self.up_out.is_empty() {
+            self.outputs
+                .push_back(Output::Send { conn: ConnId::UPSTREAM, data: self.up_out.split().freeze() });
+        }
+        if let Some(c) = &mut self.client {
+            if !c.out.is_empty() {
+                let data = c.out.split().freeze();
+                c.unsent_bytes += data.len() as u64;
+                self.outputs.push_back(Output::Send { conn: c.conn, data });
+            }
+        }
+    }
+
+    // ---- pages from lbs ----
+
+    /// Asks lbs for `block` unless it is already being read.
+    fn load(&mut self, block: u64, who: impl FnOnce(&mut Load)) {
+        let fresh = !self.loads.contains_key(&block);
+        who(self.loads.entry(block).or_default());
+        if fresh {
+            self.upstream(LbsRequest::Get { block }, UpRequest::Get { block });
+        }
+    }
+
+    fn page_arrived(&mut self, block: u64, data: Option<Bytes>) {
+        let load = self.loads.remove(&block).unwrap_or_default();
+        if load.prefetch {
+            self.prefetches -= 1;
+        }
+        if load.recovery {
+            if let Phase::Recovering(scan) = &mut self.phase {
+                scan.arrived(block, data);
+            }
+            return self.recover();
+        }
+        let needed = !load.readers.is_empty() || load.batch;
+        let Some(data) = data else {
+            if needed {
+                return self.exit(format!("block {block} is part of the tree, but lbs does not have it"));
+            }
+            // Read-ahead of a block that was freed meanwhile: nobody needs it.
+            return;
+        };
+        let page = match page::parse(data, block, self.block_size) {
+            Ok(p) => Rc::new(p),
+            Err(e) => return self.exit(format!("block {block} is part of the tree but corrupt: {e}")),
+        };
+        self.probes.page_reads += 1;
+        self.cache.insert(page);
+        for id in load.readers {
+            self.continue_read(id);
+            if self.stopped() {
+                return;
+            }
+        }
+        if load.batch {
+            self.run_batch();
+        } else if load.prefetch {
+            self.prefetch();
+        }
+    }
+
+    // ---- recovery ----
+
+    fn recover(&mut self) {
+        loop {
+            let Phase::Recovering(scan) = &mut self.phase else { return };
+            match scan.step() {
+                ScanStep::Read(blocks) => {
+                    for block in blocks {
+                        self.load(block, |l| l.recovery = true);
+                    }
+                    return;
+                }
+                ScanStep::Wait => return,
+                ScanStep::Log(message) => self.log(LogLevel::Warn, message),
+                ScanStep::Failed(message) => return self.exit(message),
+                ScanStep::Found(found) => {
+                    let next_block = scan.next_block();
+                    match found {
+                        None => {
+                            self.probes.recoveries_empty += 1;
+                            self.log(LogLevel::Info, format!("no tree in lbs yet; next block {next_block}"));
+                        }
+                        Some((root, skipped)) => {
+                            self.probes.recoveries_found_root += 1;
+                            if skipped {
+                                self.probes.recoveries_skipped_tail += 1;
+                            }
+                            self.log(
+                                LogLevel::Info,
+                                format!(
+                                    "root at block {} (level {}); next block {next_block}",
+                                    root.block, root.level
+                                ),
+                            );
+                            let r = RootRef { child: root.child_ref(), level: root.level };
+                            self.committed = Some(r);
+                            self.cache.insert(root);
+                        }
+                    }
+                    self.next_block = next_block;
+                    self.phase = Phase::Serving;
+                    self.maybe_free();
+                    self.outputs.push_back(Output::Accepting(true));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn params_arrived(&mut self, block_size: u32, next_block: u64, last_block: u64) {
+        let block_size = block_size as usize;
+        let (k, v) = match key_value_limits(block_size, self.config.key_len_max, self.config.value_len_max) {
+            Ok(kv) => kv,
+            Err(e) => return self.exit(format!("cannot start: {e}")),
+        };
+        self.block_size = block_size;
+        self.key_len_max = k;
+        self.value_len_max = v;
+        let pages = match (self.config.cache_pages_max, self.config.cache_bytes_max) {
+            (Some(p), _) => p,
+            (None, Some(b)) => b / block_size as u64,
+            (None, None) => CACHE_BYTES_DEFAULT / block_size as u64,
+        };
+        self.cache = PageCache::new(pages.clamp(1, usize::MAX as u64) as usize);
+        self.up_decoder = PacketDecoder::with_record_len_max(block_size + 64);
+        self.phase = Phase::Recovering(Box::new(Scan::new(block_size, next_block, last_block)));
+        self.recover();
+    }
+
+    // ---- the client ----
+
+    fn accept(&mut self, conn: ConnId) {
+        if self.client.is_some() || !matches!(self.phase, Phase::Serving) {
+            self.outputs
+                .push_back(Output::Close { conn, reason: "kvlds: serves one connection at a time".into() });
+            return;
+        }
+        self.generations += 1;
+        self.client = Some(Client {
+            conn,
+            generation: self.generations,
+            decoder: PacketDecoder::with_record_len_max(REQUEST_RECORD_LEN_MAX),
+            pending: 0,
+            unsent_bytes: 0,
+            reading: true,
+            out: BytesMut::new(),
+        });
+        self.outputs.push_back(Output::Accepting(false));
+    }
+
+    /// Forgets the client: its queued requests and reads are dropped; the
+    /// answers of requests already in a batch will be dropped too (their
+    /// changes are still committed).
+    fn forget_client(&mut self) {
+        let Some(c) = self.client.take() else { return };
+        self.queue.retain(|w| w.generation != c.generation);
+        self.reads.retain(|_, r| r.generation != c.generation);
+        if matches!(self.phase, Phase::Serving) {
+            self.outputs.push_back(Output::Accepting(true));
+        }
+    }
+
+    fn drop_client(&mut self, reason: String) {
+        if let Some(c) = &mut self.client {
+            let conn = c.conn;
+            if !c.out.is_empty() {
+                let data = c.out.split().freeze();
+                self.outputs.push_back(Output::Send { conn, data });
+            }
+            self.outputs.push_back(Output::Close { conn, reason: format!("kvlds: {reason}") });
+        }
+        self.forget_client();
+    }
+
+    fn answer(&mut self, generation: u64, req_id: u64, response: &KvldsResponse) {
+        if let Some(c) = &mut self.client {
+            if c.generation == generation {
+                response.encode(req_id, &mut c.out);
+                c.pending -= 1;
+            }
+        }
+    }
+
+    /// Handles whole requests while the connection's bounds allow, and turns
+    /// reading off or on accordingly.
+    fn process_requests(&mut self) {
+        loop {
+            if self.stopped() {
+                return;
+            }
+            let Some(c) = &mut self.client else { return };
+            if c.pending >= PENDING_REQUESTS_MAX || c.unsent_bytes >= UNSENT_BYTES_MAX {
+                if c.reading {
+                    c.reading = false;
+                    self.outputs.push_back(Output::ReadInterest { conn: c.conn, enabled: false });
+                }
+                return;
+            }
+            if !c.reading {
+                c.reading = true;
+                self.outputs.push_back(Output::ReadInterest { conn: c.conn, enabled: true });
+            }
+            let packet = match c.decoder.next_packet() {
+                Ok(Some(p)) => p,
+                Ok(None) => return,
+                Err(e) => return self.drop_client(format!("bad packet: {e}")),
+            };
+            let request = match KvldsRequest::decode(packet.record) {
+                Ok(r) => r,
+                Err(e) => return self.drop_client(format!("bad request {:#x}: {e}", packet.id)),
+            };
+            let generation = c.generation;
+            c.pending += 1;
+            self.request(generation, packet.id, request);
+        }
+    }
+
+    fn request(&mut self, generation: u64, req_id: u64, request: KvldsRequest) {
+        match request {
+            KvldsRequest::Params => self.answer(
+                generation,
+                req_id,
+                &KvldsResponse::Params {
+                    max_key_len: self.key_len_max as u32,
+                    max_value_len: self.value_len_max as u32,
+                },
+            ),
+            KvldsRequest::Get { key } => {
+                let Some(root) = self.committed.filter(|_| key.len() <= self.key_len_max) else {
+                    return self.answer(generation, req_id, &KvldsResponse::Get(None));
+                };
+                self.start_read(generation, req_id, ReadKind::Get { key, descent: Descent::from_root(root) });
+            }
+            KvldsRequest::Range { max_bytes, start, end } => {
+                // No tree, or start >= end: nothing, and every key below
+                // `end` was (vacuously) returned.
+                let Some(root) = self.committed.filter(|_| end.is_empty() || start < end) else {
+                    return self.answer(
+                        generation,
+                        req_id,
+                        &KvldsResponse::Range { next: end, pairs: Vec::new() },
+                    );
+                };
+                let budget = (max_bytes as usize).min(RANGE_BYTES_MAX);
+                self.start_read(
+                    generation,
+                    req_id,
+                    ReadKind::Range(Box::new(RangeScan::new(root, start, end, budget))),
+                );
+            }
+            write => {
+                if let Some(why) = self.over_limits(&write) {
+                    return self.drop_client(format!("request {req_id:#x}: {why}"));
+                }
+                self.queue.push_back(QueuedWrite { generation, req_id, request: write, arrived: self.now });
+                self.maybe_start_batch();
+            }
+        }
+    }
+
+    fn over_limits(&self, request: &KvldsRequest) -> Option<String> {
+        let (key, values): (&Bytes, Vec<&Bytes>) = match request {
+            KvldsRequest::Set { key, value }
+            | KvldsRequest::Add { key, value }
+            | KvldsRequest::Modify { key, value } => (key, vec![value]),
+            KvldsRequest::Cas { key, old_value, new_value } => (key, vec![old_value, new_value]),
+            KvldsRequest::Cad { key, old_value } => (key, vec![old_value]),
+            KvldsRequest::Delete { key } => (key, vec![]),
+            _ => return None,
+        };
+        if key.len() > self.key_len_max {
+            return Some(format!("key of {} bytes is over the limit of {}", key.len(), self.key_len_max));
+        }
+        values
+            .iter()
+            .find(|v| v.len() > self.value_len_max)
+            .map(|v| format!("value of {} bytes is over the limit of {}", v.len(), self.value_len_max))
+    }
+
+    // ---- reads ----
+
+    fn start_read(&mut self, generation: u64, req_id: u64, kind: ReadKind) {
+        let id = self.next_read;
+        self.next_read += 1;
+        self.reads.insert(id, ReadOp { generation, req_id, kind });
+        self.continue_read(id);
+    }
+
+    fn continue_read(&mut self, id: u64) {
+        let Some(op) = self.reads.get_mut(&id) else { return };
+        let outcome = match &mut op.kind {
+            ReadKind::Get { key, descent } => {
+                read::get(&mut self.cache, descent, key).map(KvldsResponse::Get)
+            }
+            ReadKind::Range(scan) => scan
+                .run(&mut self.cache)
+                .map(|next| KvldsResponse::Range { next, pairs: std::mem::take(&mut scan.pairs) }),
+        };
+        match outcome {
+            Ok(response) => {
+                let op = self.reads.remove(&id).expect("the read");
+                self.answer(op.generation, op.req_id, &response);
+            }
+            Err(Stall::NeedPage(block)) => {
+                self.probes.waits_for_pages += 1;
+                self.load(block, |l| l.readers.push(id));
+            }
+            Err(Stall::Corrupt { block, why }) => self.exit(format!("block {block} is corrupt: {why}")),
+        }
+    }
+
+    // ---- writes ----
+
+    fn maybe_start_batch(&mut self) {
+        if self.batch.is_some() || !matches!(self.phase, Phase::Serving) {
+            return;
+        }
+        let Some(first) = self.queue.front() else { return };
+        let due = first.arrived.after_ns(self.config.commit_delay_ns);
+        if (self.queue.len() as u64) < self.config.commit_forced_requests && self.now < due {
+            return;
+        }
+        self.batch = Some(Batch {
+            tree: DirtyTree::new(self.committed, self.block_size),
+            answers: Vec::new(),
+            writing: None,
+            rebalancing: false,
+        });
+        self.run_batch();
+    }
+
+    /// Whether the batch has taken all the requests one commit may carry
+    /// (an estimate that errs high: every byte added may need a third of a
+    /// page, and splits may reach the root).
+    fn batch_full(&self, tree: &DirtyTree) -> bool {
+        let pages = tree.dirty_nodes()
+            + 3 * tree.bytes_added / self.block_size
+            + 2 * (usize::from(tree.root_level()) + 2);
+        pages * self.block_size >= COMMIT_BYTES_MAX
+    }
+
+    /// Moves the batch on as far as it can: applies queued requests, then
+    /// rebalances, then sends the APPEND. Stalls wait for a page.
+    fn run_batch(&mut self) {
+        let Some(mut batch) = self.batch.take() else { return };
+        if batch.writing.is_some() {
+            self.batch = Some(batch);
+            return;
+        }
+        if !batch.rebalancing {
+            while let Some(w) = self.queue.front() {
+                if self.batch_full(&batch.tree) {
+                    break;
+                }
+                match batch.tree.apply(&w.request, &mut self.cache) {
+                    Ok(done) => {
+                        batch.answers.push((w.generation, w.req_id, done));
+                        self.queue.pop_front();
+                    }
+                    Err(stall) => return self.batch_stalled(batch, stall),
+                }
+            }
+            if !batch.tree.modified {
+                // Nothing changed: every answer rests on the committed
+                // (durable) tree alone.
+                self.probes.empty_batches += 1;
+                for (generation, req_id, done) in batch.answers {
+                    self.answer(generation, req_id, &KvldsResponse::Done(done));
+                }
+                return self.maybe_start_batch();
+            }
+            batch.rebalancing = true;
+        }
+        if let Err(stall) = batch.tree.rebalance(&mut self.cache) {
+            return self.batch_stalled(batch, stall);
+        }
+        if self.config.check_invariants {
+            batch.tree.check_invariants();
+        }
+        let counts = batch.tree.counts;
+        self.probes.splits += counts.splits;
+        self.probes.root_splits += counts.root_splits;
+        self.probes.merges += counts.merges;
+        self.probes.deroots += counts.deroots;
+        let tree = std::mem::replace(&mut batch.tree, DirtyTree::new(None, self.block_size));
+        let commit = tree.into_pages(self.next_block);
+        let count = commit.pages.len();
+        let mut data = BytesMut::with_capacity(count * self.block_size);
+        let mut pages = Vec::with_capacity(count);
+        for p in &commit.pages {
+            let bytes = page::serialize(p, self.block_size);
+            // Pair assertion: what goes to lbs is exactly a valid page.
+            let back = page::parse(bytes.clone(), p.block, self.block_size)
+                .unwrap_or_else(|e| panic!("serialized page {} does not validate: {e}", p.block));
+            assert_eq!(&back, p, "page {} does not round-trip", p.block);
+            data.extend_from_slice(&bytes);
+            pages.push(Rc::new(back));
+        }
+        self.upstream(
+            LbsRequest::Append { count: count as u32, start: self.next_block, data: data.freeze() },
+            UpRequest::Append,
+        );
+        batch.writing = Some((pages, commit.root));
+        self.batch = Some(batch);
+    }
+
+    fn batch_stalled(&mut self, batch: Batch, stall: Stall) {
+        self.batch = Some(batch);
+        match stall {
+            Stall::NeedPage(block) => {
+                self.probes.waits_for_pages += 1;
+                self.load(block, |l| l.batch = true);
+                self.prefetch();
+            }
+            Stall::Corrupt { block, why } => self.exit(format!("block {block} is corrupt: {why}")),
+        }
+    }
+
+    /// Reads ahead, for the requests queued behind the stalled one, the
+    /// first page of their path that is not cached.
+    fn prefetch(&mut self) {
+        let Some(root) = self.committed else { return };
+        let limit = PREFETCH_PAGES_MAX.min(self.cache.pages_max() / 4);
+        let mut wanted = Vec::new();
+        for w in self.queue.iter().skip(1).take(PREFETCH_SCAN_MAX) {
+            if self.prefetches + wanted.len() >= limit {
+                break;
+            }
+            let key = match &w.request {
+                KvldsRequest::Set { key, .. }
+                | KvldsRequest::Cas { key, .. }
+                | KvldsRequest::Add { key, .. }
+                | KvldsRequest::Modify { key, .. }
+                | KvldsRequest::Delete { key }
+                | KvldsRequest::Cad { key, .. } => key,
+                _ => continue,
+            };
+            let mut d = Descent::from_root(root);
+            if let Err(Stall::NeedPage(block)) = read::get(&mut self.cache, &mut d, key) {
+                if !self.loads.contains_key(&block) && !wanted.contains(&block) {
+                    wanted.push(block);
+                }
+            }
+        }
+        for block in wanted {
+            self.prefetches += 1;
+            self.load(block, |l| l.prefetch = true);
+        }
+    }
+
+    fn append_done(&mut self, next_block: Option<u64>) {
+        let Some(mut batch) = self.batch.take() else {
+            return self.exit("lbs answered an APPEND that was not sent".into());
+        };
+        let Some((pages, root)) = batch.writing.take() else {
+            return self.exit("lbs answered an APPEND that was not sent".into());
+        };
+        let Some(next_block) = next_block else {
+            return self.exit(format!(
+                "lbs refused the APPEND at block {} (is another kvlds using this lbs?)",
+                self.next_block
+            ));
+        };
+        let written_end = self.next_block + pages.len() as u64;
+        if next_block < written_end {
+            return self
+                .exit(format!("lbs says the next block is {next_block} after writing up to {written_end}"));
+        }
+        self.next_block = next_block;
+        self.committed = Some(root);
+        self.probes.commits += 1;
+        for p in pages {
+            self.cache.insert(p);
+        }
+        for (generation, req_id, done) in batch.answers {
+            self.answer(generation, req_id, &KvldsResponse::Done(done));
+        }
+        self.maybe_free();
+        self.maybe_start_batch();
+    }
+
+    /// Tells lbs it may delete blocks below the oldest page still reachable,
+    /// when no read in progress could still need an older one.
+    fn maybe_free(&mut self) {
+        let Some(root) = self.committed else { return };
+        let oldest = root.child.oldest_block;
+        if oldest > self.freed_below && self.reads.is_empty() {
+            self.freed_below = oldest;
+            self.probes.frees += 1;
+            self.upstream(LbsRequest::Free { keep_from: oldest }, UpRequest::Free);
+        }
+    }
+
+    // ---- lbs's answers ----
+
+    fn upstream_bytes(&mut self, data: &[u8]) {
+        self.up_decoder.push(data);
+        loop {
+            if self.stopped() {
+                return;
+            }
+            let packet = match self.up_decoder.next_packet() {
+                Ok(Some(p)) => p,
+                Ok(None) => return,
+                Err(e) => return self.exit(format!("bad packet from lbs: {e}")),
+            };
+            let Some(waiting) = self.up_pending.remove(&packet.id) else {
+                return self.exit(format!("lbs answered request {:#x}, which was not asked", packet.id));
+            };
+            let kind = match waiting {
+                UpRequest::Params2 => LbsRequestKind::Params2,
+                UpRequest::Get { .. } => LbsRequestKind::Get,
+                UpRequest::Append => LbsRequestKind::Append,
+                UpRequest::Free => LbsRequestKind::Free,
+            };
+            let response = match LbsResponse::decode(kind, packet.record) {
+                Ok(r) => r,
+                Err(e) => return self.exit(format!("bad answer from lbs: {e}")),
+            };
+            match (waiting, response) {
+                (UpRequest::Params2, LbsResponse::Params2 { block_size, next_block, last_block }) => {
+                    self.params_arrived(block_size, next_block, last_block)
+                }
+                (UpRequest::Get { block }, LbsResponse::Get(data)) => {
+                    if data.as_ref().is_some_and(|d| d.len() != self.block_size) {
+                        return self.exit(format!("lbs returned block {block} with the wrong length"));
+                    }
+                    self.page_arrived(block, data)
+                }
+                (UpRequest::Append, LbsResponse::Append(next)) => self.append_done(next),
+                (UpRequest::Free, LbsResponse::Free) => {}
+                _ => return self.exit("lbs answered with the wrong kind of response".into()),
+            }
+        }
     }
 }
 
 impl Node for KvldsNode {
-    fn handle_input(&mut self, _now: Instant, _input: Input) {}
+    fn handle_input(&mut self, now: Instant, input: Input) {
+        if self.stopped() {
+            return;
+        }
+        self.now = self.now.max(now);
+        match input {
+            Input::Received { conn, data } if conn == ConnId::UPSTREAM => self.upstream_bytes(&data),
+            Input::Closed { conn, reason } if conn == ConnId::UPSTREAM => {
+                let why = match reason {
+                    ConnClosed::PeerClosed => "closed".to_string(),
+                    ConnClosed::Failed(e) => format!("failed: {e}"),
+                };
+                self.exit(format!("the connection to lbs {why}"));
+            }
+            Input::Sent { conn, .. } if conn == ConnId::UPSTREAM => {}
+            Input::Accepted { conn } => self.accept(conn),
+            Input::Received { conn, data } => {
+                if let Some(c) = self.client.as_mut().filter(|c| c.conn == conn) {
+                    c.decoder.push(&data);
+                    self.process_requests();
+                }
+            }
+            Input::Sent { conn, len_bytes } => {
+                if let Some(c) = self.client.as_mut().filter(|c| c.conn == conn) {
+                    c.unsent_bytes = c.unsent_bytes.saturating_sub(len_bytes);
+                    self.process_requests();
+                }
+            }
+            Input::Closed { conn, reason } => {
+                if self.client.as_ref().is_some_and(|c| c.conn == conn) {
+                    if let ConnClosed::Failed(e) = reason {
+                        self.log(LogLevel::Info, format!("client {conn} failed: {e}"));
+                    }
+                    self.forget_client();
+                }
+            }
+            Input::Disk { .. } => {
+                self.exit("a disk completion arrived, but kvlds asks for no disk I/O".into())
+            }
+            Input::Timeout => self.maybe_start_batch(),
+        }
+        if !self.stopped() {
+            // Answers may have freed room for more requests.
+            self.process_requests();
+            self.flush();
+            if self.config.check_invariants {
+                assert!(self.cache.len() <= self.cache.pages_max(), "page cache above its bound");
+            }
+        }
+    }
 
     fn poll_output(&mut self) -> Option<Output> {
-        None
+        self.outputs.pop_front()
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        None
+        if self.batch.is_some() || !matches!(self.phase, Phase::Serving) {
+            return None;
+        }
+        let first = self.queue.front()?;
+        Some(first.arrived.after_ns(self.config.commit_delay_ns))
     }
 }

@@ -1,0 +1,175 @@
+//! Reads (GET and RANGE) on a committed tree, one page at a time through
+//! the cache. A read that meets a page not in the cache stops there and
+//! says which block it needs; once that page arrives it continues from it
+//! (not from the root), so every page read moves it forward, however small
+//! the cache.
+
+use bytes::Bytes;
+
+use super::cache::PageCache;
+use super::page::PageBody;
+use super::tree::{check_level, RootRef, Stall};
+
+/// Where a descent is: the next page to look at, the level it must have,
+/// and the exclusive upper bound of its keys (`None`: no bound).
+#[derive(Debug, Clone)]
+pub struct Descent {
+    pub block: u64,
+    pub level: u8,
+    pub hi: Option<Bytes>,
+}
+
+impl Descent {
+    /// A descent from `root`.
+    pub fn from_root(root: RootRef) -> Self {
+        Descent { block: root.child.block, level: root.level, hi: None }
+    }
+}
+
+/// A GET: descends to the leaf that holds `key`; its value or `None`.
+///
+/// # Errors
+/// [`Stall::NeedPage`] (the descent waits at that block), or corruption.
+pub fn get(cache: &mut PageCache, d: &mut Descent, key: &[u8]) -> Result<Option<Bytes>, Stall> {
+    loop {
+        let page = cache.get(d.block).ok_or(Stall::NeedPage(d.block))?;
+        check_level(&page, d.level)?;
+        match &page.body {
+            PageBody::Leaf { pairs } => {
+                return Ok(pairs
+                    .binary_search_by(|(k, _)| k.as_ref().cmp(key))
+                    .ok()
+                    .map(|i| pairs[i].1.clone()));
+            }
+            PageBody::Internal { keys, children } => {
+                let i = keys.partition_point(|k| k.as_ref() <= key);
+                d.block = children[i].block;
+                d.level -= 1;
+            }
+        }
+    }
+}
+
+/// A RANGE in progress.
+#[derive(Debug, Clone)]
+pub struct RangeScan {
+    root: RootRef,
+    end: Bytes,
+    budget_bytes: usize,
+    /// Keys below this are done.
+    pos: Bytes,
+    descent: Descent,
+    /// Pairs found so far.
+    pub pairs: Vec<(Bytes, Bytes)>,
+    bytes: usize,
+}
+
+impl RangeScan {
+    /// A scan of `[start, end)` on the tree at `root`, returning about
+    /// `budget_bytes` of pairs (each counted as key and value plus their
+    /// two length bytes), at least one if there is one.
+    pub fn new(root: RootRef, start: Bytes, end: Bytes, budget_bytes: usize) -> Self {
+        RangeScan {
+            root,
+            end,
+            budget_bytes,
+            pos: start,
+            descent: Descent::from_root(root),
+            pairs: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    fn before_end(&self, key: &[u8]) -> bool {
+        self.end.is_empty() || key < self.end.as_ref()
+    }
+
+    /// Runs the scan as far as the cache allows; when finished, `next`: every
+    /// key in `[start, next)` was returned (empty: past the last key).
+    ///
+    /// # Errors
+    /// [`Stall::NeedPage`] (the scan waits at that block), or corruption.
+    pub fn run(&mut self, cache: &mut PageCache) -> Result<Bytes, Stall> {
+        loop {
+            let page = cache.get(self.descent.block).ok_or(Stall::NeedPage(self.descent.block))?;
+            check_level(&page, self.descent.level)?;
+            match &page.body {
+                PageBody::Internal { keys, children } => {
+                    let i = keys.partition_point(|k| *k <= self.pos);
+                    self.descent.block = children[i].block;
+                    self.descent.level -= 1;
+                    if i < keys.len() {
+                        self.descent.hi = Some(keys[i].clone());
+                    }
+                }
+                PageBody::Leaf { pairs } => {
+                    let from = pairs.partition_point(|(k, _)| *k < self.pos);
+                    for (k, v) in &pairs[from..] {
+                        if !self.before_end(k) {
+                            return Ok(self.end.clone());
+                        }
+                        let n = 2 + k.len() + v.len();
+                        if !self.pairs.is_empty() && self.bytes + n > self.budget_bytes {
+                            return Ok(self.next_after_last());
+                        }
+                        self.bytes += n;
+                        self.pairs.push((k.clone(), v.clone()));
+                    }
+                    match self.descent.hi.take() {
+                        Some(hi) if self.before_end(&hi) => {
+                            self.pos = hi;
+                            self.descent = Descent::from_root(self.root);
+                        }
+                        _ => return Ok(self.end.clone()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// `next` when the budget stopped the scan: just after the last key
+    /// returned (kivaloo's answer), or `end` if nothing lies between.
+    fn next_after_last(&self) -> Bytes {
+        let last = &self.pairs.last().expect("a pair was returned").0;
+        match key_successor(last) {
+            Some(next) if self.before_end(&next) => next,
+            Some(_) => self.end.clone(),
+            // Nothing sorts after the last key: past the end.
+            None => Bytes::new(),
+        }
+    }
+}
+
+/// The smallest key (of at most 255 bytes) greater than `key`, or `None`
+/// if there is none (255 bytes of 0xff).
+pub fn key_successor(key: &[u8]) -> Option<Bytes> {
+    if key.len() < 255 {
+        let mut next = key.to_vec();
+        next.push(0);
+        return Some(Bytes::from(next));
+    }
+    let mut next = key.to_vec();
+    while next.last() == Some(&0xff) {
+        next.pop();
+    }
+    let last = next.last_mut()?;
+    *last += 1;
+    Some(Bytes::from(next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn successor_is_the_next_key_in_byte_order() {
+        assert_eq!(key_successor(b"a").unwrap().as_ref(), b"a\0");
+        assert_eq!(key_successor(b"").unwrap().as_ref(), b"\0");
+        let mut long = vec![b'a'; 254];
+        long.push(0xff);
+        let mut expected = vec![b'a'; 253];
+        expected.push(b'b');
+        assert_eq!(key_successor(&long).unwrap().as_ref(), &expected[..]);
+        assert_eq!(key_successor(&[0xff; 255]), None);
+    }
+}

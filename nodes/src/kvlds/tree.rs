@@ -1,0 +1,612 @@
+//! The dirty tree: one batch of modifying requests applied copy-on-write
+//! on top of the last committed tree, then rebalanced (split, merge until
+//! stable, deroot) and turned into the pages of one commit.
+//!
+//! Nodes the batch touched live in an arena ([`DirtyNode`]); everything
+//! else is still a [`ChildRef`] to a clean page of the committed tree,
+//! shared, never changed. A clean page is copied into the arena the first
+//! time the batch needs to change it, which needs the page in the cache:
+//! when it is not there, the operation returns [`Stall::NeedPage`] and is
+//! run again, from the start, once the page has been read. Operations are
+//! written so that a rerun is harmless and makes progress: whatever was
+//! copied stays copied.
+//!
+//! Balance (relaxed, as kivaloo's): every page fits its block, and any two
+//! adjacent siblings, merged, would be longer than 2/3 of a block. The root
+//! may be any size; an internal root has at least two children.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use kivaloo::kvlds_proto::KvldsRequest;
+
+use super::cache::PageCache;
+use super::page::{
+    internal_len, leaf_len, pair_len, ChildRef, Page, PageBody, CHILD_REF_LEN, LEVEL_MAX, PAGE_HEADER_LEN,
+};
+
+/// Why an operation on the tree could not finish now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stall {
+    /// The page in this block must be read into the cache first.
+    NeedPage(u64),
+    /// A page that is part of the committed tree is not what its parent
+    /// says (wrong level): corruption the node must report.
+    Corrupt { block: u64, why: String },
+}
+
+/// A child of a dirty internal node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Child {
+    /// Unchanged: a page of the committed tree.
+    Clean(ChildRef),
+    /// Changed in this batch: an index into the arena.
+    Dirty(usize),
+}
+
+/// A node changed in this batch.
+#[derive(Debug, Clone)]
+struct DirtyNode {
+    level: u8,
+    body: DirtyBody,
+}
+
+#[derive(Debug, Clone)]
+enum DirtyBody {
+    Leaf(Vec<(Bytes, Bytes)>),
+    Internal { keys: Vec<Bytes>, children: Vec<Child> },
+}
+
+/// The root of a committed tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootRef {
+    /// Where the root page is.
+    pub child: ChildRef,
+    /// Its level (0: the root is a leaf).
+    pub level: u8,
+}
+
+/// Counts of rebalancing work, for the node's probes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RebalanceCounts {
+    pub splits: u64,
+    pub root_splits: u64,
+    pub merges: u64,
+    pub deroots: u64,
+}
+
+/// One batch's copy-on-write tree.
+pub struct DirtyTree {
+    nodes: Vec<Option<DirtyNode>>,
+    root: Child,
+    root_level: u8,
+    block_size: usize,
+    /// Whether any request of the batch changed anything.
+    pub modified: bool,
+    /// Bytes of pairs added or grown, for estimating the commit's size.
+    pub bytes_added: usize,
+    /// Rebalancing work done so far.
+    pub counts: RebalanceCounts,
+}
+
+/// The pages of one commit, in block order (the root last).
+pub struct CommitPages {
+    pub pages: Vec<Page>,
+    pub root: RootRef,
+}
+
+fn child_index(keys: &[Bytes], key: &[u8]) -> usize {
+    keys.partition_point(|k| k.as_ref() <= key)
+}
+
+impl DirtyTree {
+    /// A batch on top of `committed` (`None`: the store is empty).
+    pub fn new(committed: Option<RootRef>, block_size: usize) -> Self {
+        let (nodes, root, root_level) = match committed {
+            None => {
+                (vec![Some(DirtyNode { level: 0, body: DirtyBody::Leaf(Vec::new()) })], Child::Dirty(0), 0)
+            }
+            Some(r) => (Vec::new(), Child::Clean(r.child), r.level),
+        };
+        DirtyTree {
+            nodes,
+            root,
+            root_level,
+            block_size,
+            modified: false,
+            bytes_added: 0,
+            counts: RebalanceCounts::default(),
+        }
+    }
+
+    /// Nodes in the arena (an upper bound on the pages this batch writes,
+    /// before splits).
+    pub fn dirty_nodes(&self) -> usize {
+        self.nodes.iter().filter(|n| n.is_some()).count()
+    }
+
+    /// The root's level.
+    pub fn root_level(&self) -> u8 {
+        self.root_level
+    }
+
+    fn node(&self, i: usize) -> &DirtyNode {
+        self.nodes[i].as_ref().expect("live dirty node")
+    }
+
+    fn node_mut(&mut self, i: usize) -> &mut DirtyNode {
+        self.nodes[i].as_mut().expect("live dirty node")
+    }
+
+    fn push(&mut self, n: DirtyNode) -> usize {
+        self.nodes.push(Some(n));
+        self.nodes.len() - 1
+    }
+
+    /// Copies the clean page `r` (expected at `level`) into the arena.
+    fn copy_in(&mut self, r: ChildRef, level: u8, cache: &mut PageCache) -> Result<usize, Stall> {
+        let page = cache.get(r.block).ok_or(Stall::NeedPage(r.block))?;
+        check_level(&page, level)?;
+        let body = match &page.body {
+            PageBody::Leaf { pairs } => DirtyBody::Leaf(pairs.clone()),
+            PageBody::Internal { keys, children } => DirtyBody::Internal {
+                keys: keys.clone(),
+                children: children.iter().map(|&c| Child::Clean(c)).collect(),
+            },
+        };
+        Ok(self.push(DirtyNode { level, body }))
+    }
+
+    fn root_dirty(&mut self, cache: &mut PageCache) -> Result<usize, Stall> {
+        match self.root {
+            Child::Dirty(i) => Ok(i),
+            Child::Clean(r) => {
+                let i = self.copy_in(r, self.root_level, cache)?;
+                self.root = Child::Dirty(i);
+                Ok(i)
+            }
+        }
+    }
+
+    /// Makes child `i` of dirty internal node `parent` dirty; its index.
+    fn dirty_child(&mut self, parent: usize, i: usize, cache: &mut PageCache) -> Result<usize, Stall> {
+        let level = self.node(parent).level - 1;
+        let child = match &self.node(parent).body {
+            DirtyBody::Internal { children, .. } => children[i],
+            DirtyBody::Leaf(_) => unreachable!("a leaf has no children"),
+        };
+        match child {
+            Child::Dirty(j) => Ok(j),
+            Child::Clean(r) => {
+                let j = self.copy_in(r, level, cache)?;
+                if let DirtyBody::Internal { children, .. } = &mut self.node_mut(parent).body {
+                    children[i] = Child::Dirty(j);
+                }
+                Ok(j)
+            }
+        }
+    }
+
+    /// The dirty leaf that holds (or would hold) `key`, copying the path.
+    fn leaf_for(&mut self, key: &[u8], cache: &mut PageCache) -> Result<usize, Stall> {
+        let mut i = self.root_dirty(cache)?;
+        loop {
+            let slot = match &self.node(i).body {
+                DirtyBody::Leaf(_) => return Ok(i),
+                DirtyBody::Internal { keys, .. } => child_index(keys, key),
+            };
+            i = self.dirty_child(i, slot, cache)?;
+        }
+    }
+
+    /// Applies one modifying request; its answer (`true`: status 0).
+    ///
+    /// # Errors
+    /// [`Stall`]: a page is needed first (run it again once it is cached),
+    /// or corruption was found.
+    ///
+    /// # Panics
+    /// On a request that does not modify (the caller's error).
+    pub fn apply(&mut self, req: &KvldsRequest, cache: &mut PageCache) -> Result<bool, Stall> {
+        let key = match req {
+            KvldsRequest::Set { key, .. }
+            | KvldsRequest::Cas { key, .. }
+            | KvldsRequest::Add { key, .. }
+            | KvldsRequest::Modify { key, .. }
+            | KvldsRequest::Delete { key }
+            | KvldsRequest::Cad { key, .. } => key,
+            other => panic!("not a modifying request: {other:?}"),
+        };
+        let leaf = self.leaf_for(key, cache)?;
+        let DirtyBody::Leaf(pairs) = &mut self.nodes[leaf].as_mut().expect("live dirty node").body else {
+            unreachable!("leaf_for ends at a leaf")
+        };
+        let found = pairs.binary_search_by(|(k, _)| k.as_ref().cmp(key));
+        let current = found.ok().map(|i| &pairs[i].1);
+        let (done, new_value): (bool, Option<Option<&Bytes>>) = match req {
+            KvldsRequest::Set { value, .. } => (true, Some(Some(value))),
+            KvldsRequest::Cas { old_value, new_value, .. } => {
+                if current == Some(old_value) {
+                    (true, Some(Some(new_value)))
+                } else {
+                    (false, None)
+                }
+            }
+            KvldsRequest::Add { value, .. } => {
+                if current.is_none() {
+                    (true, Some(Some(value)))
+                } else {
+                    (false, None)
+                }
+            }
+            KvldsRequest::Modify { value, .. } => {
+                if current.is_some() {
+                    (true, Some(Some(value)))
+                } else {
+                    (false, None)
+                }
+            }
+            KvldsRequest::Delete { .. } => (true, Some(None)),
+            KvldsRequest::Cad { old_value, .. } => {
+                if current == Some(old_value) {
+                    (true, Some(None))
+                } else {
+                    (false, None)
+                }
+            }
+            _ => unreachable!(),
+        };
+        match (new_value, found) {
+            (None, _) | (Some(None), Err(_)) => {}
+            (Some(Some(v)), Ok(i)) => {
+                self.bytes_added += v.len();
+                pairs[i].1 = v.clone();
+                self.modified = true;
+            }
+            (Some(Some(v)), Err(i)) => {
+                self.bytes_added += pair_len(key, v);
+                pairs.insert(i, (key.clone(), v.clone()));
+                self.modified = true;
+            }
+            (Some(None), Ok(i)) => {
+                pairs.remove(i);
+                self.modified = true;
+            }
+        }
+        Ok(done)
+    }
+
+    fn node_len(&self, i: usize) -> usize {
+        match &self.node(i).body {
+            DirtyBody::Leaf(pairs) => leaf_len(pairs),
+            DirtyBody::Internal { keys, children } => internal_len(keys, children.len()),
+        }
+    }
+
+    fn child_len(&self, c: Child) -> usize {
+        match c {
+            Child::Clean(r) => r.page_len as usize,
+            Child::Dirty(j) => self.node_len(j),
+        }
+    }
+
+    /// Whether two adjacent siblings of length `a` and `b` (at `level`,
+    /// with separator `sep` between them) would fit 2/3 of a block merged.
+    fn mergeable(&self, a: usize, b: usize, level: u8, sep: &Bytes) -> bool {
+        let merged = merged_len(a, b, level, sep);
+        3 * merged <= 2 * self.block_size
+    }
+
+    /// Rebalances the batch: splits every page that outgrew its block (the
+    /// root too, growing the tree), merges adjacent siblings until no two
+    /// fit 2/3 of a block together, and removes single-child roots. May
+    /// stall for pages (siblings to merge with); run it again then.
+    ///
+    /// # Errors
+    /// [`Stall`], as for [`DirtyTree::apply`].
+    pub fn rebalance(&mut self, cache: &mut PageCache) -> Result<(), Stall> {
+        let root = self.root_dirty(cache)?;
+        self.split_root(root);
+        loop {
+            let Child::Dirty(root) = self.root else { unreachable!("the root is dirty") };
+            let mut changed = self.merge_pass(root, cache)?;
+            changed |= self.deroot(cache)?;
+            if !changed {
+                return Ok(());
+            }
+        }
+    }
+
+    fn split_root(&mut self, mut root: usize) {
+        loop {
+            let extra = self.split(root);
+            if extra.is_empty() {
+                self.root = Child::Dirty(root);
+                return;
+            }
+            self.counts.root_splits += 1;
+            assert!(self.root_level < LEVEL_MAX, "tree deeper than {LEVEL_MAX} levels");
+            self.root_level += 1;
+            let mut keys = Vec::with_capacity(extra.len());
+            let mut children = vec![Child::Dirty(root)];
+            for (sep, j) in extra {
+                keys.push(sep);
+                children.push(Child::Dirty(j));
+            }
+            root =
+                self.push(DirtyNode { level: self.root_level, body: DirtyBody::Internal { keys, children } });
+        }
+    }
+
+    /// Splits the dirty subtree under `i` bottom-up; returns the pieces
+    /// that `i` itself split off, with their separators, in key order.
+    fn split(&mut self, i: usize) -> Vec<(Bytes, usize)> {
+        if let DirtyBody::Internal { keys, children } = &mut self.node_mut(i).body {
+            let old_keys = std::mem::take(keys);
+            let old_children = std::mem::take(children);
+            let mut new_keys = Vec::with_capacity(old_keys.len());
+            let mut new_children = Vec::with_capacity(old_children.len());
+            for (n, c) in old_children.into_iter().enumerate() {
+                if n > 0 {
+                    new_keys.push(old_keys[n - 1].clone());
+                }
+                new_children.push(c);
+                if let Child::Dirty(j) = c {
+                    for (sep, piece) in self.split(j) {
+                        new_keys.push(sep);
+                        new_children.push(Child::Dirty(piece));
+                    }
+                }
+            }
+            let DirtyBody::Internal { keys, children } = &mut self.node_mut(i).body else { unreachable!() };
+            *keys = new_keys;
+            *children = new_children;
+        }
+        if self.node_len(i) <= self.block_size {
+            return Vec::new();
+        }
+        let block_size = self.block_size;
+        let level = self.node(i).level;
+        let pieces: Vec<(Bytes, DirtyBody)> = match &mut self.node_mut(i).body {
+            DirtyBody::Leaf(pairs) => {
+                let all = std::mem::take(pairs);
+                let mut pieces: Vec<Vec<(Bytes, Bytes)>> = vec![Vec::new()];
+                let mut len = PAGE_HEADER_LEN;
+                for (k, v) in all {
+                    let n = pair_len(&k, &v);
+                    if len + n > block_size && !pieces.last().expect("one piece").is_empty() {
+                        pieces.push(Vec::new());
+                        len = PAGE_HEADER_LEN;
+                    }
+                    len += n;
+                    pieces.last_mut().expect("one piece").push((k, v));
+                }
+                let mut it = pieces.into_iter();
+                *pairs = it.next().expect("first piece");
+                it.map(|p| (p[0].0.clone(), DirtyBody::Leaf(p))).collect()
+            }
+            DirtyBody::Internal { keys, children } => {
+                let all_keys = std::mem::take(keys);
+                let all_children = std::mem::take(children);
+                let mut pieces: Vec<(Option<Bytes>, Vec<Bytes>, Vec<Child>)> =
+                    vec![(None, Vec::new(), vec![all_children[0]])];
+                let mut len = PAGE_HEADER_LEN + CHILD_REF_LEN;
+                for (k, c) in all_keys.into_iter().zip(all_children.into_iter().skip(1)) {
+                    let n = 1 + k.len() + CHILD_REF_LEN;
+                    if len + n > block_size {
+                        pieces.push((Some(k), Vec::new(), vec![c]));
+                        len = PAGE_HEADER_LEN + CHILD_REF_LEN;
+                    } else {
+                        let last = pieces.last_mut().expect("one piece");
+                        last.1.push(k);
+                        last.2.push(c);
+                        len += n;
+                    }
+                }
+                let mut it = pieces.into_iter();
+                let (_, k0, c0) = it.next().expect("first piece");
+                *keys = k0;
+                *children = c0;
+                it.map(|(sep, k, c)| {
+                    (
+                        sep.expect("later pieces have a separator"),
+                        DirtyBody::Internal { keys: k, children: c },
+                    )
+                })
+                .collect()
+            }
+        };
+        self.counts.splits += pieces.len() as u64;
+        pieces.into_iter().map(|(sep, body)| (sep, self.push(DirtyNode { level, body }))).collect()
+    }
+
+    /// One bottom-up pass of merges over the dirty subtree under `i`;
+    /// whether anything merged.
+    fn merge_pass(&mut self, i: usize, cache: &mut PageCache) -> Result<bool, Stall> {
+        let dirty_children: Vec<usize> = match &self.node(i).body {
+            DirtyBody::Leaf(_) => return Ok(false),
+            DirtyBody::Internal { children, .. } => children
+                .iter()
+                .filter_map(|c| match c {
+                    Child::Dirty(j) => Some(*j),
+                    Child::Clean(_) => None,
+                })
+                .collect(),
+        };
+        let mut changed = false;
+        for j in dirty_children {
+            changed |= self.merge_pass(j, cache)?;
+        }
+        let child_level = self.node(i).level - 1;
+        let mut slot = 0;
+        loop {
+            let (a, b, sep) = match &self.node(i).body {
+                DirtyBody::Internal { keys, children } if slot + 1 < children.len() => {
+                    (children[slot], children[slot + 1], keys[slot].clone())
+                }
+                _ => break,
+            };
+            if !self.mergeable(self.child_len(a), self.child_len(b), child_level, &sep) {
+                slot += 1;
+                continue;
+            }
+            let left = self.dirty_child(i, slot, cache)?;
+            let right = self.dirty_child(i, slot + 1, cache)?;
+            let right_node = self.nodes[right].take().expect("live dirty node");
+            match (&mut self.node_mut(left).body, right_node.body) {
+                (DirtyBody::Leaf(l), DirtyBody::Leaf(r)) => l.extend(r),
+                (
+                    DirtyBody::Internal { keys: lk, children: lc },
+                    DirtyBody::Internal { keys: rk, children: rc },
+                ) => {
+                    lk.push(sep);
+                    lk.extend(rk);
+                    lc.extend(rc);
+                }
+                _ => unreachable!("siblings are at the same level"),
+            }
+            let DirtyBody::Internal { keys, children } = &mut self.node_mut(i).body else { unreachable!() };
+            keys.remove(slot);
+            children.remove(slot + 1);
+            self.counts.merges += 1;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Replaces an internal root with a single child by that child, as long
+    /// as there is one; whether it did.
+    fn deroot(&mut self, cache: &mut PageCache) -> Result<bool, Stall> {
+        let mut changed = false;
+        loop {
+            let Child::Dirty(root) = self.root else { unreachable!("the root is dirty") };
+            match &self.node(root).body {
+                DirtyBody::Internal { children, .. } if children.len() == 1 => {}
+                _ => return Ok(changed),
+            }
+            let child = self.dirty_child(root, 0, cache)?;
+            self.nodes[root] = None;
+            self.root = Child::Dirty(child);
+            self.root_level -= 1;
+            self.counts.deroots += 1;
+            changed = true;
+        }
+    }
+
+    /// Checks the balance, order and size rules over every dirty node (clean
+    /// pages were checked when they were written).
+    ///
+    /// # Panics
+    /// On any violation: a bug in this module.
+    pub fn check_invariants(&self) {
+        let Child::Dirty(root) = self.root else { return };
+        let n = self.node(root);
+        assert_eq!(n.level, self.root_level, "root level");
+        if let DirtyBody::Internal { children, .. } = &n.body {
+            assert!(children.len() >= 2, "internal root with {} children", children.len());
+        }
+        self.check_node(root, None, None);
+    }
+
+    fn check_node(&self, i: usize, lo: Option<&Bytes>, hi: Option<&Bytes>) {
+        let len = self.node_len(i);
+        assert!(len <= self.block_size, "page of {len} bytes in {}-byte blocks", self.block_size);
+        let n = self.node(i);
+        let in_range = |k: &Bytes| lo.is_none_or(|lo| k >= lo) && hi.is_none_or(|hi| k < hi);
+        match &n.body {
+            DirtyBody::Leaf(pairs) => {
+                assert_eq!(n.level, 0, "leaf level");
+                for w in pairs.windows(2) {
+                    assert!(w[0].0 < w[1].0, "leaf keys out of order");
+                }
+                assert!(pairs.iter().all(|(k, _)| in_range(k)), "leaf key outside its parent's range");
+            }
+            DirtyBody::Internal { keys, children } => {
+                assert!(n.level > 0, "internal level");
+                assert_eq!(keys.len() + 1, children.len(), "keys and children");
+                for w in keys.windows(2) {
+                    assert!(w[0] < w[1], "separators out of order");
+                }
+                assert!(keys.iter().all(in_range), "separator outside its parent's range");
+                for s in 0..children.len().saturating_sub(1) {
+                    let (a, b) = (self.child_len(children[s]), self.child_len(children[s + 1]));
+                    assert!(
+                        !self.mergeable(a, b, n.level - 1, &keys[s]),
+                        "adjacent siblings of {a} and {b} bytes fit 2/3 of a block merged"
+                    );
+                }
+                for (s, c) in children.iter().enumerate() {
+                    if let Child::Dirty(j) = *c {
+                        assert_eq!(self.node(j).level + 1, n.level, "child level");
+                        let clo = if s == 0 { lo } else { Some(&keys[s - 1]) };
+                        let chi = if s + 1 == children.len() { hi } else { Some(&keys[s]) };
+                        self.check_node(j, clo, chi);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Turns the rebalanced batch into its pages, numbered from
+    /// `first_block` in post-order (children before parents, the root
+    /// last and marked as the commit's root).
+    pub fn into_pages(mut self, first_block: u64) -> CommitPages {
+        let Child::Dirty(root) = self.root else { panic!("into_pages on an unchanged tree") };
+        let mut pages = Vec::new();
+        let mut next = first_block;
+        self.emit(root, &mut next, &mut pages);
+        let count = pages.len() as u32;
+        let root_page = pages.last_mut().expect("the root");
+        root_page.commit_blocks = count;
+        let root = RootRef { child: root_page.child_ref(), level: root_page.level };
+        CommitPages { pages, root }
+    }
+
+    fn emit(&mut self, i: usize, next: &mut u64, pages: &mut Vec<Page>) -> ChildRef {
+        let node = self.nodes[i].take().expect("live dirty node");
+        let body = match node.body {
+            DirtyBody::Leaf(pairs) => PageBody::Leaf { pairs },
+            DirtyBody::Internal { keys, children } => {
+                let children = children
+                    .into_iter()
+                    .map(|c| match c {
+                        Child::Clean(r) => r,
+                        Child::Dirty(j) => self.emit(j, next, pages),
+                    })
+                    .collect();
+                PageBody::Internal { keys, children }
+            }
+        };
+        let page = Page { block: *next, level: node.level, commit_blocks: 0, body };
+        *next += 1;
+        let r = page.child_ref();
+        pages.push(page);
+        r
+    }
+}
+
+/// The length of two adjacent siblings of lengths `a` and `b` at `level`
+/// merged (an internal merge takes the separator between them).
+pub fn merged_len(a: usize, b: usize, level: u8, sep: &Bytes) -> usize {
+    let merged = a + b - PAGE_HEADER_LEN;
+    if level > 0 {
+        merged + 1 + sep.len()
+    } else {
+        merged
+    }
+}
+
+/// Checks that a page read for a place in the tree is at the level its
+/// parent implies.
+///
+/// # Errors
+/// [`Stall::Corrupt`] naming the block.
+pub fn check_level(page: &Rc<Page>, level: u8) -> Result<(), Stall> {
+    if page.level != level {
+        return Err(Stall::Corrupt {
+            block: page.block,
+            why: format!("page at level {} where level {level} was expected", page.level),
+        });
+    }
+    Ok(())
+}
