@@ -78,6 +78,8 @@ pub struct RebalanceCounts {
 /// One batch's copy-on-write tree.
 pub struct DirtyTree {
     nodes: Vec<Option<DirtyNode>>,
+    /// Live (`Some`) entries of `nodes`.
+    live_nodes: usize,
     root: Child,
     root_level: u8,
     block_size: usize,
@@ -109,6 +111,7 @@ impl DirtyTree {
             Some(r) => (Vec::new(), Child::Clean(r.child), r.level),
         };
         DirtyTree {
+            live_nodes: nodes.len(),
             nodes,
             root,
             root_level,
@@ -122,7 +125,7 @@ impl DirtyTree {
     /// Nodes in the arena (an upper bound on the pages this batch writes,
     /// before splits).
     pub fn dirty_nodes(&self) -> usize {
-        self.nodes.iter().filter(|n| n.is_some()).count()
+        self.live_nodes
     }
 
     /// The root's level.
@@ -140,7 +143,13 @@ impl DirtyTree {
 
     fn push(&mut self, n: DirtyNode) -> usize {
         self.nodes.push(Some(n));
+        self.live_nodes += 1;
         self.nodes.len() - 1
+    }
+
+    fn remove(&mut self, i: usize) -> DirtyNode {
+        self.live_nodes -= 1;
+        self.nodes[i].take().expect("live dirty node")
     }
 
     /// Copies the clean page `r` (expected at `level`) into the arena.
@@ -452,7 +461,7 @@ impl DirtyTree {
             }
             let left = self.dirty_child(i, slot, cache)?;
             let right = self.dirty_child(i, slot + 1, cache)?;
-            let right_node = self.nodes[right].take().expect("live dirty node");
+            let right_node = self.remove(right);
             match (&mut self.node_mut(left).body, right_node.body) {
                 (DirtyBody::Leaf(l), DirtyBody::Leaf(r)) => l.extend(r),
                 (
@@ -485,7 +494,7 @@ impl DirtyTree {
                 _ => return Ok(changed),
             }
             let child = self.dirty_child(root, 0, cache)?;
-            self.nodes[root] = None;
+            self.remove(root);
             self.root = Child::Dirty(child);
             self.root_level -= 1;
             self.counts.deroots += 1;
@@ -555,6 +564,7 @@ impl DirtyTree {
         let mut pages = Vec::new();
         let mut next = first_block;
         self.emit(root, &mut next, &mut pages);
+        assert_eq!(self.live_nodes, 0, "dirty nodes that the root does not reach");
         let count = pages.len() as u32;
         let root_page = pages.last_mut().expect("the root");
         root_page.commit_blocks = count;
@@ -563,7 +573,7 @@ impl DirtyTree {
     }
 
     fn emit(&mut self, i: usize, next: &mut u64, pages: &mut Vec<Page>) -> ChildRef {
-        let node = self.nodes[i].take().expect("live dirty node");
+        let node = self.remove(i);
         let body = match node.body {
             DirtyBody::Leaf(pairs) => PageBody::Leaf { pairs },
             DirtyBody::Internal { keys, children } => {
