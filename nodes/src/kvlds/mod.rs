@@ -380,8 +380,10 @@ impl KvldsNode {
         if load.recovery {
             if let Phase::Recovering(scan) = &mut self.phase {
                 scan.arrived(block, data);
+                return self.recover();
             }
-            return self.recover();
+            // A read-ahead of the scan that arrived after the root was
+            // found: reads and the batch may have joined it.
         }
         let needed = !load.readers.is_empty() || load.batch;
         let Some(data) = data else {
