@@ -7,4 +7,5 @@ pub mod conn;
 pub mod daemon;
 pub mod dir_lock;
 pub mod disk;
+pub mod humansize;
 pub mod runtime;

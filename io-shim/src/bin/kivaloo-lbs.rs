@@ -98,8 +98,9 @@ fn main() {
         let ready_addr = addr.to_string();
         let opts = RunOptions {
             name: NAME,
-            data_dir: flags.dir.clone(),
+            data_dir: Some(flags.dir.clone()),
             disk_readers: flags.readers,
+            upstream: None,
             exit_after_one_connection: flags.one_connection,
             on_ready: Some(Box::new(move || {
                 if let Err(e) = write_pidfile(&ready_pidfile) {
