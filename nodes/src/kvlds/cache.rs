@@ -69,6 +69,19 @@ impl PageCache {
         assert!(self.slots.len() <= self.pages_max, "page cache above its bound");
     }
 
+    /// Drops the page of `block` if cached (a page no tree reaches any
+    /// more), making room without evicting a live one.
+    pub fn remove(&mut self, block: u64) {
+        let Some(i) = self.index.remove(&block) else { return };
+        self.slots.swap_remove(i);
+        if let Some(moved) = self.slots.get(i) {
+            self.index.insert(moved.page.block, i);
+        }
+        if self.hand > self.slots.len() {
+            self.hand = 0;
+        }
+    }
+
     fn evict_one(&mut self) {
         loop {
             if self.hand >= self.slots.len() {
@@ -122,5 +135,24 @@ mod tests {
         one.insert(page(2));
         assert_eq!(one.len(), 1);
         assert!(one.get(2).is_some());
+    }
+
+    #[test]
+    fn removing_keeps_the_index_right() {
+        let mut c = PageCache::new(4);
+        for b in 0..4 {
+            c.insert(page(b));
+        }
+        c.remove(1);
+        c.remove(7);
+        assert_eq!(c.len(), 3);
+        for b in [0, 2, 3] {
+            assert_eq!(c.get(b).map(|p| p.block), Some(b));
+        }
+        assert!(c.get(1).is_none());
+        c.insert(page(9));
+        c.insert(page(10));
+        assert_eq!(c.len(), 4);
+        assert_eq!(c.get(10).map(|p| p.block), Some(10));
     }
 }

@@ -89,6 +89,9 @@ pub struct DirtyTree {
     pub bytes_added: usize,
     /// Rebalancing work done so far.
     pub counts: RebalanceCounts,
+    /// Clean pages copied into the batch: once it commits, no tree reaches
+    /// them any more.
+    pub superseded: Vec<u64>,
 }
 
 /// The pages of one commit, in block order (the root last).
@@ -119,6 +122,7 @@ impl DirtyTree {
             modified: false,
             bytes_added: 0,
             counts: RebalanceCounts::default(),
+            superseded: Vec::new(),
         }
     }
 
@@ -156,6 +160,7 @@ impl DirtyTree {
     fn copy_in(&mut self, r: ChildRef, level: u8, cache: &mut PageCache) -> Result<usize, Stall> {
         let page = cache.get(r.block).ok_or(Stall::NeedPage(r.block))?;
         check_level(&page, level)?;
+        self.superseded.push(r.block);
         let body = match &page.body {
             PageBody::Leaf { pairs } => DirtyBody::Leaf(pairs.clone()),
             PageBody::Internal { keys, children } => DirtyBody::Internal {
@@ -350,44 +355,53 @@ impl DirtyTree {
     /// Splits the dirty subtree under `i` bottom-up; returns the pieces
     /// that `i` itself split off, with their separators, in key order.
     fn split(&mut self, i: usize) -> Vec<(Bytes, usize)> {
-        if let DirtyBody::Internal { keys, children } = &mut self.node_mut(i).body {
-            let old_keys = std::mem::take(keys);
-            let old_children = std::mem::take(children);
-            let mut new_keys = Vec::with_capacity(old_keys.len());
-            let mut new_children = Vec::with_capacity(old_children.len());
-            for (n, c) in old_children.into_iter().enumerate() {
-                if n > 0 {
-                    new_keys.push(old_keys[n - 1].clone());
-                }
-                new_children.push(c);
-                if let Child::Dirty(j) = c {
-                    for (sep, piece) in self.split(j) {
-                        new_keys.push(sep);
-                        new_children.push(Child::Dirty(piece));
-                    }
-                }
+        let dirty_children: Vec<(usize, usize)> = match &self.node(i).body {
+            DirtyBody::Internal { children, .. } => children
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, c)| match c {
+                    Child::Dirty(j) => Some((slot, *j)),
+                    Child::Clean(_) => None,
+                })
+                .collect(),
+            DirtyBody::Leaf(_) => Vec::new(),
+        };
+        // Children's new pieces, inserted right to left so that earlier
+        // slots keep their places.
+        for (slot, j) in dirty_children.into_iter().rev() {
+            let pieces = self.split(j);
+            if pieces.is_empty() {
+                continue;
             }
             let DirtyBody::Internal { keys, children } = &mut self.node_mut(i).body else { unreachable!() };
-            *keys = new_keys;
-            *children = new_children;
+            let (seps, nodes): (Vec<Bytes>, Vec<Child>) =
+                pieces.into_iter().map(|(sep, p)| (sep, Child::Dirty(p))).unzip();
+            keys.splice(slot..slot, seps);
+            children.splice(slot + 1..slot + 1, nodes);
         }
-        if self.node_len(i) <= self.block_size {
+        let len = self.node_len(i);
+        if len <= self.block_size {
             return Vec::new();
         }
-        let block_size = self.block_size;
+        // Even pieces: as few as fit, each about the same size, so that a
+        // piece is neither full (it would split again at the next insert)
+        // nor nearly empty (it would be merged right back).
+        let room = self.block_size - PAGE_HEADER_LEN;
+        let content = len - PAGE_HEADER_LEN;
+        let target = content.div_ceil(content.div_ceil(room));
         let level = self.node(i).level;
         let pieces: Vec<(Bytes, DirtyBody)> = match &mut self.node_mut(i).body {
             DirtyBody::Leaf(pairs) => {
                 let all = std::mem::take(pairs);
                 let mut pieces: Vec<Vec<(Bytes, Bytes)>> = vec![Vec::new()];
-                let mut len = PAGE_HEADER_LEN;
+                let mut used = 0;
                 for (k, v) in all {
                     let n = pair_len(&k, &v);
-                    if len + n > block_size && !pieces.last().expect("one piece").is_empty() {
+                    if !pieces.last().expect("one piece").is_empty() && (used + n > room || used >= target) {
                         pieces.push(Vec::new());
-                        len = PAGE_HEADER_LEN;
+                        used = 0;
                     }
-                    len += n;
+                    used += n;
                     pieces.last_mut().expect("one piece").push((k, v));
                 }
                 let mut it = pieces.into_iter();
@@ -399,17 +413,18 @@ impl DirtyTree {
                 let all_children = std::mem::take(children);
                 let mut pieces: Vec<(Option<Bytes>, Vec<Bytes>, Vec<Child>)> =
                     vec![(None, Vec::new(), vec![all_children[0]])];
-                let mut len = PAGE_HEADER_LEN + CHILD_REF_LEN;
+                let mut used = CHILD_REF_LEN;
                 for (k, c) in all_keys.into_iter().zip(all_children.into_iter().skip(1)) {
                     let n = 1 + k.len() + CHILD_REF_LEN;
-                    if len + n > block_size {
+                    if used + n > room || used >= target {
+                        // The separator moves up; the piece starts with c.
                         pieces.push((Some(k), Vec::new(), vec![c]));
-                        len = PAGE_HEADER_LEN + CHILD_REF_LEN;
+                        used = CHILD_REF_LEN;
                     } else {
                         let last = pieces.last_mut().expect("one piece");
                         last.1.push(k);
                         last.2.push(c);
-                        len += n;
+                        used += n;
                     }
                 }
                 let mut it = pieces.into_iter();
