@@ -1,10 +1,13 @@
 //! The deterministic simulator: one u64 seed reproduces a whole run. See
 //! `sim/DESIGN.md` for one line per module.
 
+pub mod client;
 pub mod kvlds_workload;
 pub mod lbs_workload;
 pub mod linearizability;
+pub mod link;
 pub mod network;
+pub mod process;
 pub mod rng;
 pub mod runner;
 pub mod scenario;

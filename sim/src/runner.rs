@@ -58,6 +58,8 @@ pub struct SweepReport {
     pub requests: u64,
     pub crashes: u64,
     pub power_losses: u64,
+    /// Runs that ended because a damaged store reported the damage.
+    pub ended_by_damage: u64,
     pub failures: Vec<Failure>,
     /// Probe counts summed over the sweep.
     pub probes: std::collections::BTreeMap<String, u64>,
@@ -105,6 +107,7 @@ pub fn sweep(files: &[PathBuf], seeds: Option<u64>, jobs: usize) -> Result<Sweep
                 r.requests += outcome.requests;
                 r.crashes += outcome.crashes;
                 r.power_losses += outcome.power_losses;
+                r.ended_by_damage += u64::from(outcome.corruption_reported);
                 for (name, n) in &outcome.probes {
                     *r.probes.entry(name.clone()).or_default() += n;
                 }

@@ -20,7 +20,8 @@ pub struct Scenario {
     pub name: String,
     /// What the scenario attacks.
     pub description: String,
-    /// The nodes under test (for now: `["lbs"]`).
+    /// The nodes under test, front (the one the client talks to) first:
+    /// `["lbs"]`, or `["kvlds", "lbs"]` (client -> kvlds -> lbs -> disk).
     pub components: Vec<String>,
     /// Seeds a sweep runs (and `cargo test` runs a fraction of).
     pub seeds: u64,
@@ -35,7 +36,8 @@ pub struct Scenario {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
-    /// Which workload: `"lbs"`.
+    /// Which workload: `"lbs"` (with components `["lbs"]`) or `"kvlds"`
+    /// (with components `["kvlds", "lbs"]`).
     pub kind: String,
     /// Requests the client issues before the final check.
     pub requests: u64,
@@ -47,10 +49,35 @@ pub struct WorkloadSpec {
     /// small runs still roll files over and FREE still removes them.
     #[serde(default = "default_file_blocks")]
     pub file_blocks: [u64; 2],
+    /// kvlds: how many distinct keys the client uses (drawn per seed).
+    #[serde(default = "default_keys")]
+    pub keys: [u64; 2],
+    /// kvlds `-C`: pages its cache holds (drawn per seed; small, so that
+    /// pages are evicted and read back).
+    #[serde(default = "default_cache_pages")]
+    pub cache_pages: [u64; 2],
+    /// kvlds `-w`: commit delay in microseconds (drawn per seed).
+    #[serde(default)]
+    pub commit_delay_us: [u64; 2],
+    /// kvlds `-g`: modifying requests that force a commit (drawn per seed).
+    #[serde(default = "default_commit_forced")]
+    pub commit_forced: [u64; 2],
 }
 
 fn default_file_blocks() -> [u64; 2] {
     [4, 64]
+}
+
+fn default_keys() -> [u64; 2] {
+    [8, 200]
+}
+
+fn default_cache_pages() -> [u64; 2] {
+    [4, 64]
+}
+
+fn default_commit_forced() -> [u64; 2] {
+    [4096, 4096]
 }
 
 /// Ranges of every fault probability. Rates "per ms" are per millisecond of
@@ -105,6 +132,25 @@ pub struct Drawn {
     pub clock_rate: f64,
     pub timer_late_us: u64,
     pub read_latency_us: u64,
+    /// What the seed drew for kvlds, when the scenario runs it.
+    pub kvlds: Option<KvldsDrawn>,
+}
+
+/// What one seed drew for kvlds and its client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvldsDrawn {
+    /// Distinct keys the client uses.
+    pub keys: u64,
+    /// kvlds `-C`.
+    pub cache_pages: u64,
+    /// kvlds `-w`, in microseconds.
+    pub commit_delay_us: u64,
+    /// kvlds `-g`.
+    pub commit_forced_requests: u64,
+    /// kvlds's own clock rate (lbs has `Drawn::clock_rate`).
+    pub clock_rate: f64,
+    /// How late kvlds's timer may fire, in microseconds.
+    pub timer_late_us: u64,
 }
 
 impl Scenario {
@@ -114,14 +160,22 @@ impl Scenario {
     /// A message naming what is wrong.
     pub fn parse(text: &str) -> Result<Scenario, String> {
         let s: Scenario = toml::from_str(text).map_err(|e| e.to_string())?;
-        if s.components != ["lbs"] || s.workload.kind != "lbs" {
-            return Err(format!(
-                "unsupported components {:?} / workload {:?} (this simulator runs lbs)",
-                s.components, s.workload.kind
-            ));
+        let components: Vec<&str> = s.components.iter().map(String::as_str).collect();
+        match (components.as_slice(), s.workload.kind.as_str()) {
+            (["lbs"], "lbs") | (["kvlds", "lbs"], "kvlds") => {}
+            _ => {
+                return Err(format!(
+                    "unsupported components {:?} / workload {:?} (this simulator runs [\"lbs\"] with the \
+                     lbs workload, or [\"kvlds\", \"lbs\"] with the kvlds workload)",
+                    s.components, s.workload.kind
+                ))
+            }
         }
         if s.workload.block_sizes.is_empty() || s.workload.in_flight[0] == 0 {
             return Err("workload needs block sizes and at least one request in flight".into());
+        }
+        if s.workload.kind == "kvlds" && (s.workload.keys[0] == 0 || s.workload.cache_pages[0] == 0) {
+            return Err("a kvlds workload needs at least one key and one cache page".into());
         }
         Ok(s)
     }
@@ -173,6 +227,29 @@ impl Scenario {
         };
         let timer_late_us = d(f.timer_late_us) as u64;
         let read_latency_us = d(f.read_latency_us) as u64;
+        // kvlds's draws come after every lbs one, so lbs scenarios draw as
+        // they did before kvlds ran here.
+        let kvlds = (w.kind == "kvlds").then(|| {
+            let mut r = |x: [u64; 2]| rng.range(x[0], x[1].max(x[0]));
+            let keys = r(w.keys);
+            let cache_pages = r(w.cache_pages);
+            let commit_delay_us = r(w.commit_delay_us);
+            let commit_forced_requests = r(w.commit_forced).max(1);
+            let mut d = |r: Range| rng.f64_in(r[0].min(r[1]), r[0].max(r[1]));
+            let clock_rate = match f.clock_rate {
+                [0.0, 0.0] => 1.0,
+                r => d(r).max(0.01),
+            };
+            let timer_late_us = d(f.timer_late_us) as u64;
+            KvldsDrawn {
+                keys,
+                cache_pages,
+                commit_delay_us,
+                commit_forced_requests,
+                clock_rate,
+                timer_late_us,
+            }
+        });
         Drawn {
             block_size,
             in_flight,
@@ -186,6 +263,7 @@ impl Scenario {
             clock_rate,
             timer_late_us,
             read_latency_us,
+            kvlds,
         }
     }
 }

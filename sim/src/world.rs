@@ -1,20 +1,28 @@
-//! One simulated run: the lbs node (the real state machine, driven through
-//! the same contract as the tokio runtime), its simulated disk, a simulated
-//! connection to one client, virtual time, and chaos: crashes (process or
-//! power), connection resets, disk faults. It ends with a quiet phase in
-//! which faults stop and every block is read back (liveness and
-//! durability).
+//! One simulated run: a chain of components, front first (`["lbs"]`, or
+//! `["kvlds", "lbs"]`: client -> kvlds -> lbs -> simulated disk), each the
+//! real state machine driven through the same contract as the tokio
+//! runtime; simulated connections between the client and the front
+//! component and between each component and the next (its
+//! `ConnId::UPSTREAM`); virtual time; and chaos: crashes of any component
+//! (process or power), connection resets, disk faults, time faults. It ends
+//! with a quiet phase in which faults stop, every component restarts once
+//! more, and the client reads everything back (liveness and durability).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use bytes::{Bytes, BytesMut};
-use kivaloo::contract::{ConnClosed, ConnId, DiskErrorKind, DiskOp, DiskOpId, Input, Node, Output};
+use kivaloo::contract::{ConnClosed, ConnId, DiskErrorKind, DiskOp, DiskOpId, ExitReason, Input, Output};
+use kivaloo::lbs_proto::LbsRequest;
 use kivaloo::packet::PacketDecoder;
 use kivaloo::Instant;
-use kivaloo_nodes::lbs::{LbsConfig, LbsNode};
+use kivaloo_nodes::kvlds::KvldsConfig;
+use kivaloo_nodes::lbs::LbsConfig;
 
+use crate::client::Client;
+use crate::kvlds_workload::KvldsClient;
 use crate::lbs_workload::LbsClient;
-use crate::network::Pipe;
+use crate::link::{Dir, End, Link};
+use crate::process::{Config, Kind, Proc};
 use crate::rng::{Concern, Stream};
 use crate::scenario::{Drawn, Scenario};
 use crate::storage::{DiskFaults, SimDisk};
@@ -25,32 +33,43 @@ use crate::trace::Trace;
 pub const QUIET_PHASE_LIMIT_NS: u64 = 60 * SEC;
 /// Virtual time after which a run that has not finished its workload fails.
 pub const RUN_LIMIT_NS: u64 = 3600 * SEC;
+/// While faults are on, a client that has heard nothing for this long
+/// (faults keep the store down, or it hangs) ends the workload: the quiet
+/// phase follows, where liveness is required.
+pub const STALL_LIMIT_NS: u64 = 120 * SEC;
+/// A node whose upstream closed must exit within this much virtual time.
+pub const UPSTREAM_EXIT_LIMIT_NS: u64 = SEC;
 
 /// What happens next.
 enum Ev {
-    /// A disk operation of incarnation `inc` completes (it is executed now).
-    Disk { inc: u64, id: DiskOpId, op: DiskOp },
-    /// Bytes reach the node on `conn`.
-    ToNode { conn: ConnId, data: Bytes },
-    /// Bytes reach the client on `conn`; `tainted` if the node emitted them
-    /// after one of its fsyncs failed.
-    ToClient { conn: ConnId, data: Bytes, tainted: bool },
-    /// The node learns its bytes on `conn` were transmitted.
-    Sent { conn: ConnId, len: u64 },
-    /// The client learns the node closed `conn` (after its last bytes).
-    ClosedByNode { conn: ConnId },
-    /// The node's timer for incarnation `inc`.
-    Timer { inc: u64 },
+    /// A disk operation of component `proc`'s incarnation `inc` completes
+    /// (it is executed now).
+    Disk { proc: usize, inc: u64, id: DiskOpId, op: DiskOp },
+    /// Bytes reach the receiving end of `link` in `dir`; `tainted` if a
+    /// node emitted them after one of its fsyncs failed.
+    Arrive { link: u64, dir: Dir, data: Bytes, tainted: bool },
+    /// The sender in `dir` learns its bytes were transmitted.
+    Sent { link: u64, dir: Dir, len: u64 },
+    /// The receiver in `dir` learns the sender closed (after its last
+    /// bytes).
+    Closed { link: u64, dir: Dir },
+    /// Component `proc`'s timer, for incarnation `inc`.
+    Timer { proc: usize, inc: u64 },
     /// The client may act.
     ClientTick,
     /// About every virtual ms (at random intervals, so that crashes land
     /// between any two events) while faults are on: maybe crash, maybe
     /// reset.
     Chaos,
-    /// Start the node again.
-    Restart,
-    /// Hand the bytes held for the node over, in order.
-    DeliverHeld { conn: ConnId },
+    /// Component `proc` may start again (once the next one accepts).
+    Restart { proc: usize },
+    /// Start component `proc` if it is due and the next one accepts.
+    TryStart { proc: usize },
+    /// Hand the bytes held for the receiver in `dir` over, in order.
+    DeliverHeld { link: u64, dir: Dir },
+    /// Component `proc`'s incarnation `inc` was told its upstream closed
+    /// `UPSTREAM_EXIT_LIMIT_NS` ago: it must have exited.
+    UpstreamExitDue { proc: usize, inc: u64 },
 }
 
 /// The outcome of one run.
@@ -63,18 +82,24 @@ pub struct Outcome {
     pub drawn: Drawn,
     pub virtual_ns: u64,
     pub requests: u64,
-    pub acked_blocks: u64,
+    /// Writes acknowledged: blocks (lbs) or modifying requests (kvlds).
+    pub acked: u64,
     pub crashes: u64,
     pub power_losses: u64,
     pub resets: u64,
     pub node_exits: u64,
+    /// The disk was damaged (bit rot, misdirected writes).
     pub damaged: bool,
+    /// The run ended because the store reported damage (refused to start
+    /// or to serve) after faults stopped: all a damaged store owes.
+    pub corruption_reported: bool,
     /// How often each hard path was reached (coverage probes): node events
-    /// recognised in its log, and every disk fault injected.
+    /// recognised in lbs's log, kvlds's own counters, every disk fault
+    /// injected, crashes.
     pub probes: BTreeMap<String, u64>,
 }
 
-/// Node log lines that mark a hard path, and the probe each counts for.
+/// lbs log lines that mark a hard path, and the probe each counts for.
 const LOG_PROBES: &[(&str, &str)] = &[
     ("discarding", "lbs: torn tail cut at recovery"),
     ("first write was torn", "lbs: torn new file removed at recovery"),
@@ -95,30 +120,16 @@ impl Outcome {
             drawn,
             virtual_ns: 0,
             requests: 0,
-            acked_blocks: 0,
+            acked: 0,
             crashes: 0,
             power_losses: 0,
             resets: 0,
             node_exits: 0,
             damaged: false,
+            corruption_reported: false,
             probes: BTreeMap::new(),
         }
     }
-}
-
-struct Conn {
-    id: ConnId,
-    /// The node wants bytes (ReadInterest).
-    node_reading: bool,
-    /// Bytes for the node held while it does not read.
-    held: VecDeque<Bytes>,
-    to_node: Pipe,
-    to_client: Pipe,
-    client_decoder: PacketDecoder,
-    /// The node closed it; the client will learn after the last bytes.
-    node_closed: bool,
-    /// Why the node closed it.
-    close_reason: String,
 }
 
 /// Everything of one run.
@@ -126,22 +137,16 @@ pub struct World {
     q: EventQueue<Ev>,
     trace: Trace,
     drawn: Drawn,
-    /// Builds the node for each (re)start: any `Node` runs here.
-    make_node: Box<dyn Fn() -> Box<dyn Node>>,
-    node: Option<Box<dyn Node>>,
-    time_rng: Stream,
-    /// Incarnation of the node: events of earlier ones are ignored.
-    inc: u64,
-    /// This incarnation's fsync failed (it must acknowledge nothing more).
-    fsync_failed: bool,
-    /// This incarnation got a disk error (an exit is then legitimate).
-    disk_errors: u64,
-    accepting: bool,
-    timer_at: Option<u64>,
-    disk: SimDisk,
-    conn: Option<Conn>,
+    /// The chain, front (the client's server) first; each component but the
+    /// last reaches the next as its upstream.
+    procs: Vec<Proc>,
+    /// Open connections by the server's connection id.
+    links: BTreeMap<u64, Link>,
     next_conn: u64,
-    client: LbsClient,
+    /// The client's connection to the front component.
+    client_link: Option<u64>,
+    client: Client,
+    time_rng: Stream,
     net_rng: Stream,
     disk_rng: Stream,
     crash_rng: Stream,
@@ -150,71 +155,138 @@ pub struct World {
     quiet_since: u64,
     failure: Option<String>,
     /// A damaged store reported the damage in the quiet phase: done.
-    finished_by_damage: bool,
+    ended_by_damage: bool,
+    /// kvlds chain: the disk was damaged and a component reported it
+    /// (lbs named a corrupt block, refused to start, or a component
+    /// stopped serving for no other reason). The workload ends; if the
+    /// store still does not serve after faults stop, so does the run.
+    corruption_reported: bool,
+    /// When the disk was first damaged (virtual ns).
+    first_damage_ns: Option<u64>,
+    /// Disk errors lbs got over the whole run.
+    lbs_disk_errors: u64,
     crashes: u64,
     power_losses: u64,
     resets: u64,
     node_exits: u64,
+    client_connections: u64,
+    upstream_connections: u64,
+    /// When the client last heard from the store (virtual ns).
+    last_progress_ns: u64,
     tick_scheduled: bool,
-    /// Damage records already mapped to blocks.
+    /// Damage records already mapped to blocks (lbs chain).
     damage_noted: usize,
     probes: BTreeMap<String, u64>,
-    restart_pending: bool,
-    /// This incarnation finished recovery and accepted connections.
-    served: bool,
 }
 
 impl World {
     /// A world for `scenario` and `seed`.
     pub fn new(scenario: &Scenario, seed: u64, keep_trace: bool) -> World {
         let drawn = scenario.draw(seed);
+        let mut work_rng = Stream::new(seed, Concern::Workload);
         let rec = kivaloo_nodes::lbs::layout::record_len(drawn.block_size);
         let lbs_cfg = LbsConfig {
             file_len_min_bytes: drawn.file_blocks * rec,
             read_latency_ns: drawn.read_latency_us * US,
             ..LbsConfig::new(drawn.block_size)
         };
-        let make_node: Box<dyn Fn() -> Box<dyn Node>> =
-            Box::new(move || Box::new(LbsNode::new(lbs_cfg.clone())));
-        let client = LbsClient::new(drawn.block_size, drawn.in_flight, scenario.workload.requests);
+        let mut procs = Vec::new();
+        for name in &scenario.components {
+            let kind = Kind::parse(name).unwrap_or_else(|| panic!("unknown component {name:?}"));
+            procs.push(match kind {
+                Kind::Lbs => Proc::new(
+                    kind,
+                    Config::Lbs(lbs_cfg.clone()),
+                    drawn.clock_rate,
+                    drawn.timer_late_us,
+                    Some(SimDisk::new(drawn.disk.clone())),
+                ),
+                Kind::Kvlds => {
+                    let k = drawn.kvlds.as_ref().expect("a kvlds scenario draws kvlds's parameters");
+                    let cfg = KvldsConfig {
+                        cache_pages_max: Some(k.cache_pages),
+                        commit_delay_ns: k.commit_delay_us * US,
+                        commit_forced_requests: k.commit_forced_requests,
+                        check_invariants: true,
+                        ..KvldsConfig::default()
+                    };
+                    Proc::new(kind, Config::Kvlds(cfg), k.clock_rate, k.timer_late_us, None)
+                }
+            });
+        }
+        assert!(
+            procs.last().is_some_and(|p| p.disk.is_some())
+                && procs.iter().filter(|p| p.disk.is_some()).count() == 1,
+            "the last component, and only it, owns the disk"
+        );
+        let w = &scenario.workload;
+        let client = match w.kind.as_str() {
+            "lbs" => Client::Lbs(LbsClient::new(drawn.block_size, drawn.in_flight, w.requests)),
+            _ => {
+                let keys = drawn.kvlds.as_ref().map_or(1, |k| k.keys);
+                let mut c =
+                    KvldsClient::new(drawn.block_size, drawn.in_flight, w.requests, keys, &mut work_rng);
+                if keep_trace {
+                    c.keep_notes();
+                }
+                Client::Kvlds(c)
+            }
+        };
         World {
             q: EventQueue::default(),
             trace: Trace::new(keep_trace),
-            disk: SimDisk::new(drawn.disk.clone()),
             drawn,
-            make_node,
-            node: None,
-            time_rng: Stream::new(seed, Concern::Time),
-            inc: 0,
-            fsync_failed: false,
-            disk_errors: 0,
-            accepting: false,
-            timer_at: None,
-            conn: None,
+            procs,
+            links: BTreeMap::new(),
             next_conn: 1,
+            client_link: None,
             client,
+            time_rng: Stream::new(seed, Concern::Time),
             net_rng: Stream::new(seed, Concern::Network),
             disk_rng: Stream::new(seed, Concern::Disk),
             crash_rng: Stream::new(seed, Concern::Crash),
-            work_rng: Stream::new(seed, Concern::Workload),
+            work_rng,
             quiet: false,
             quiet_since: 0,
             failure: None,
-            finished_by_damage: false,
+            ended_by_damage: false,
+            corruption_reported: false,
+            first_damage_ns: None,
+            lbs_disk_errors: 0,
             crashes: 0,
             power_losses: 0,
             resets: 0,
             node_exits: 0,
+            client_connections: 0,
+            upstream_connections: 0,
+            last_progress_ns: 0,
             tick_scheduled: false,
             damage_noted: 0,
             probes: BTreeMap::new(),
-            restart_pending: false,
-            served: false,
         }
     }
 
     fn now(&self) -> u64 {
         self.q.now().nanos
+    }
+
+    /// Whether the chain is lbs alone (its client is the lbs client, whose
+    /// oracle maps damage to blocks).
+    fn lbs_only(&self) -> bool {
+        self.procs.len() == 1
+    }
+
+    /// The disk (the last component's).
+    fn disk(&self) -> &SimDisk {
+        self.procs.last().and_then(|p| p.disk.as_ref()).expect("the last component owns the disk")
+    }
+
+    fn disk_damaged(&self) -> bool {
+        !self.disk().damage().is_empty()
+    }
+
+    fn probe(&mut self, name: &str) {
+        *self.probes.entry(name.to_string()).or_default() += 1;
     }
 
     fn fail(&mut self, why: String) {
@@ -225,12 +297,23 @@ impl World {
         }
     }
 
+    /// The store reported damage after faults stopped: the run ends here.
+    fn end_by_damage(&mut self, why: &str) {
+        if !self.ended_by_damage {
+            let now = self.q.now();
+            self.trace.event(now, "damage-end", &[], || format!("the damaged store reported it: {why}"));
+            self.ended_by_damage = true;
+        }
+    }
+
     /// Runs to the end and reports.
     pub fn run(mut self, seed: u64) -> Outcome {
-        self.start_node();
+        for p in (0..self.procs.len()).rev() {
+            self.try_start(p);
+        }
         self.q.after(MS, Ev::Chaos);
         while self.failure.is_none() {
-            if self.client.verified() || self.finished_by_damage {
+            if self.client.verified() || self.ended_by_damage {
                 break;
             }
             if self.now() > RUN_LIMIT_NS {
@@ -238,28 +321,64 @@ impl World {
                 break;
             }
             if self.quiet && self.now() - self.quiet_since > QUIET_PHASE_LIMIT_NS {
+                let state = self.describe_state();
                 self.fail(format!(
-                    "liveness: faults stopped {} s ago and the final check has not finished",
-                    QUIET_PHASE_LIMIT_NS / SEC
+                    "liveness: faults stopped {} s ago and the final check has not finished: {state}",
+                    QUIET_PHASE_LIMIT_NS / SEC,
                 ));
                 break;
             }
             let Some(ev) = self.q.pop() else {
-                self.fail("nothing left to happen, but the run is not finished".into());
+                let state = self.describe_state();
+                self.fail(format!("nothing left to happen, but the run is not finished: {state}"));
                 break;
             };
             self.handle(ev);
-            if !self.quiet && self.client.workload_done() {
-                self.begin_quiet_phase();
+            if !self.quiet {
+                if self.client.workload_done() {
+                    self.begin_quiet_phase("faults stop; restart and read everything back");
+                } else if self.corruption_reported {
+                    self.begin_quiet_phase("the store reported damage; faults stop; restart and read back");
+                } else if self.now().saturating_sub(self.last_progress_ns) > STALL_LIMIT_NS {
+                    self.probe("sim: workload stalled");
+                    self.begin_quiet_phase("no response for a long time; faults stop");
+                }
             }
         }
-        let mut probes = self.probes;
-        for (name, n) in self.disk.fault_counts().pairs() {
-            *probes.entry(format!("disk: {name}")).or_default() += n;
+        if self.failure.is_none() {
+            if let Client::Kvlds(c) = &self.client {
+                if let Err(e) = c.final_check(self.first_damage_ns) {
+                    self.fail(e);
+                }
+            }
+        }
+        let mut probes = std::mem::take(&mut self.probes);
+        for p in &self.procs {
+            if let Some(disk) = &p.disk {
+                for (name, n) in disk.fault_counts().pairs() {
+                    *probes.entry(format!("disk: {name}")).or_default() += n;
+                }
+            }
+            for (name, n) in p.probes() {
+                *probes.entry(name).or_default() += n;
+            }
+            *probes.entry(format!("sim: {} crashes", p.name())).or_default() += p.crashes;
+            *probes.entry(format!("sim: {} exits", p.name())).or_default() += p.exits;
         }
         probes.insert("sim: crashes".into(), self.crashes);
         probes.insert("sim: power losses".into(), self.power_losses);
         probes.insert("sim: connection resets".into(), self.resets);
+        probes.insert("sim: client reconnections".into(), self.client_connections.saturating_sub(1));
+        if self.procs.len() > 1 {
+            probes.insert("sim: upstream reconnections".into(), self.upstream_connections.saturating_sub(1));
+        }
+        if self.ended_by_damage {
+            probes.insert("sim: runs ended with damage reported".into(), 1);
+        }
+        let damaged = match &self.client {
+            Client::Lbs(c) => c.damaged,
+            Client::Kvlds(_) => self.disk_damaged(),
+        };
         Outcome {
             probes,
             seed,
@@ -268,97 +387,100 @@ impl World {
             trace: self.trace.lines().to_vec(),
             drawn: self.drawn,
             virtual_ns: self.q.now().nanos,
-            requests: self.client.stats.requests,
-            acked_blocks: self.client.stats.acked_blocks,
+            requests: self.client.requests(),
+            acked: self.client.acked(),
             crashes: self.crashes,
             power_losses: self.power_losses,
             resets: self.resets,
             node_exits: self.node_exits,
-            damaged: self.client.damaged,
+            damaged,
+            corruption_reported: self.ended_by_damage,
         }
     }
 
-    /// Faults stop; the node is restarted (a last crash, so that recovery is
-    /// checked too) and every block is read back.
-    fn begin_quiet_phase(&mut self) {
+    /// Where a stuck run stands: requests in flight, each component's state
+    /// and each connection's.
+    fn describe_state(&self) -> String {
+        let mut parts = vec![format!("{} client requests in flight", self.client.in_flight())];
+        for p in &self.procs {
+            let timer = p.node.as_ref().and_then(|n| n.poll_timeout()).map(|t| t.nanos);
+            parts.push(format!(
+                "{} {} (accepting {}, timer {timer:?})",
+                p.name(),
+                if p.node.is_some() { "up" } else { "down" },
+                p.accepting
+            ));
+        }
+        for l in self.links.values() {
+            for dir in [Dir::ToServer, Dir::ToRequester] {
+                let h = l.half(dir);
+                parts.push(format!(
+                    "{} {dir:?}: reading {}, {} pieces held, sender closed {}, receiver gone {}",
+                    l.id,
+                    h.reading,
+                    h.held.len(),
+                    h.sender_closed,
+                    h.receiver_gone
+                ));
+            }
+        }
+        parts.join("; ")
+    }
+
+    /// Faults stop; every component is crashed once more (the one with the
+    /// disk by a power loss, so that recovery is checked too) and
+    /// restarted, and the client reads everything back.
+    fn begin_quiet_phase(&mut self, why: &str) {
         self.quiet = true;
         self.quiet_since = self.now();
         let now = self.q.now();
-        self.trace.event(now, "quiet", &[], || "faults stop; restart and read everything back".into());
-        self.disk.set_faults(DiskFaults::default());
-        if self.conn.take().is_some() {
+        self.trace.event(now, "quiet", &[], || why.to_string());
+        for p in &mut self.procs {
+            if let Some(disk) = &mut p.disk {
+                disk.set_faults(DiskFaults::default());
+            }
+        }
+        if let Some(key) = self.client_link.take() {
+            self.links.remove(&key);
             self.client.on_disconnected();
         }
-        self.crash(true);
+        for p in 0..self.procs.len() {
+            let power = self.procs[p].disk.is_some();
+            self.crash(p, power);
+        }
         self.client.start_verify();
     }
 
     fn handle(&mut self, ev: Ev) {
         match ev {
-            Ev::Disk { inc, id, op } => {
-                if inc != self.inc || self.node.is_none() {
+            Ev::Disk { proc, inc, id, op } => self.disk_op(proc, inc, id, op),
+            Ev::Arrive { link, dir, data, tainted } => self.arrive(link, dir, data, tainted),
+            Ev::Sent { link, dir, len } => {
+                let Some(l) = self.links.get(&link) else { return };
+                if l.half(dir).sender_closed {
                     return;
                 }
-                let result = self.disk.execute(&op, &mut self.disk_rng);
-                let now = self.q.now();
-                let failed = result.is_err();
-                self.trace.event(now, "disk", &[id.0, failed as u64], || {
-                    format!("{} -> {:?}", op.verb(), result.as_ref().map(|d| d.describe()))
-                });
-                if let Err(e) = &result {
-                    self.disk_errors += 1;
-                    if matches!(op, DiskOp::SyncFile { .. }) && e.kind == DiskErrorKind::Io {
-                        self.fsync_failed = true;
+                let sender = l.sender(dir);
+                if let End::Proc(p) = sender {
+                    let conn = l.conn_seen_by(sender);
+                    if self.end_alive(l, sender) {
+                        self.input(p, Input::Sent { conn, len_bytes: len });
                     }
                 }
-                self.input(Input::Disk { id, result });
             }
-            Ev::ToNode { conn, data } => {
-                let Some(c) = self.conn.as_mut().filter(|c| c.id == conn && !c.node_closed) else { return };
-                if !c.node_reading || !c.held.is_empty() {
-                    c.held.push_back(data);
+            Ev::Closed { link, dir } => self.closed(link, dir),
+            Ev::Timer { proc, inc } => {
+                let p = &mut self.procs[proc];
+                if inc != p.inc {
                     return;
                 }
-                self.input(Input::Received { conn, data });
-            }
-            Ev::Sent { conn, len } => {
-                if self.conn.as_ref().is_some_and(|c| c.id == conn && !c.node_closed) {
-                    self.input(Input::Sent { conn, len_bytes: len });
-                }
-            }
-            Ev::ToClient { conn, data, tainted } => self.deliver_to_client(conn, data, tainted),
-            Ev::ClosedByNode { conn } => {
-                if self.conn.as_ref().is_some_and(|c| c.id == conn) {
-                    let now = self.q.now();
-                    self.trace
-                        .event(now, "client-closed", &[conn.0], || format!("{conn} closed by the node"));
-                    let reason = self.conn.take().map(|c| c.close_reason).unwrap_or_default();
-                    if self.quiet {
-                        if self.client.damage_touches_live() {
-                            // Damage reported, not returned: that is all a
-                            // damaged store owes.
-                            self.finished_by_damage = true;
-                        } else {
-                            self.fail(format!(
-                                "the node dropped the connection after faults stopped: {reason}"
-                            ));
-                        }
-                    }
-                    self.client.on_disconnected();
-                    self.schedule_tick(MS);
-                }
-            }
-            Ev::Timer { inc } => {
-                if inc != self.inc {
-                    return;
-                }
-                self.timer_at = None;
-                let due = self.node.as_ref().and_then(|n| n.poll_timeout());
-                if due.is_some_and(|t| t <= self.node_now()) {
+                p.timer_at = None;
+                let due = p.node.as_ref().and_then(|n| n.poll_timeout());
+                if due.is_some_and(|t| t <= p.clock(self.q.now().nanos)) {
                     *self.probes.entry("sim: node timers fired".into()).or_default() += 1;
-                    self.input(Input::Timeout);
+                    self.input(proc, Input::Timeout);
                 } else if due.is_some() {
-                    self.drain(); // re-arm for the rounding of the clock rate
+                    self.drain(proc); // re-arm for the rounding of the clock rate
                 }
             }
             Ev::ClientTick => {
@@ -366,22 +488,211 @@ impl World {
                 self.client_tick();
             }
             Ev::Chaos => self.chaos(),
-            Ev::DeliverHeld { conn } => {
-                while let Some(data) = self
-                    .conn
-                    .as_mut()
-                    .filter(|c| c.id == conn && !c.node_closed && c.node_reading)
-                    .and_then(|c| c.held.pop_front())
-                {
-                    self.input(Input::Received { conn, data });
+            Ev::DeliverHeld { link, dir } => {
+                while let Some((r, conn, data)) = self.next_held(link, dir) {
+                    self.input(r, Input::Received { conn, data });
                 }
             }
-            Ev::Restart => {
-                self.restart_pending = false;
-                if self.node.is_none() {
-                    self.start_node();
+            Ev::Restart { proc } => {
+                let p = &mut self.procs[proc];
+                p.restart_pending = false;
+                p.want_start = true;
+                self.try_start(proc);
+            }
+            Ev::TryStart { proc } => self.try_start(proc),
+            Ev::UpstreamExitDue { proc, inc } => {
+                let p = &self.procs[proc];
+                if p.inc == inc && p.node.is_some() {
+                    let name = p.name();
+                    self.fail(format!(
+                        "{name} kept running {} ms after its upstream closed (it must exit)",
+                        UPSTREAM_EXIT_LIMIT_NS / MS
+                    ));
                 }
             }
+        }
+    }
+
+    /// The next piece held for the receiver of `dir` on `link`, with the
+    /// receiving component and its name for the connection, if it reads now.
+    fn next_held(&mut self, link: u64, dir: Dir) -> Option<(usize, ConnId, Bytes)> {
+        let l = self.links.get_mut(&link)?;
+        let receiver = l.receiver(dir);
+        let End::Proc(r) = receiver else { return None };
+        let conn = l.conn_seen_by(receiver);
+        let h = l.half_mut(dir);
+        if h.receiver_gone || !h.reading {
+            return None;
+        }
+        Some((r, conn, h.held.pop_front()?))
+    }
+
+    /// Executes a disk operation of component `p` and hands it the result.
+    fn disk_op(&mut self, p: usize, inc: u64, id: DiskOpId, op: DiskOp) {
+        let pr = &mut self.procs[p];
+        if inc != pr.inc || pr.node.is_none() {
+            return;
+        }
+        let Some(disk) = pr.disk.as_mut() else { return };
+        let result = disk.execute(&op, &mut self.disk_rng);
+        let name = pr.name();
+        if let Err(e) = &result {
+            pr.disk_errors += 1;
+            self.lbs_disk_errors += 1;
+            if matches!(op, DiskOp::SyncFile { .. }) && e.kind == DiskErrorKind::Io {
+                pr.fsync_failed = true;
+            }
+        }
+        self.note_first_damage();
+        let now = self.q.now();
+        let failed = result.is_err();
+        self.trace.event(now, "disk", &[p as u64, id.0, failed as u64], || {
+            format!("{name}: {} -> {:?}", op.verb(), result.as_ref().map(|d| d.describe()))
+        });
+        self.input(p, Input::Disk { id, result });
+    }
+
+    /// Remembers when the disk was first damaged.
+    fn note_first_damage(&mut self) {
+        if self.first_damage_ns.is_none() && self.disk_damaged() {
+            self.first_damage_ns = Some(self.now());
+            let now = self.q.now();
+            self.trace.event(now, "damage", &[], || "the disk is damaged from now on".into());
+        }
+    }
+
+    /// Whether `end` of `l` is still the incarnation the link belongs to.
+    fn end_alive(&self, l: &Link, end: End) -> bool {
+        match end {
+            End::Client => true,
+            End::Proc(p) => self.procs[p].node.is_some() && self.procs[p].inc == l.inc_of(end),
+        }
+    }
+
+    /// Bytes reach the receiver of `dir` on `link`.
+    fn arrive(&mut self, link: u64, dir: Dir, data: Bytes, tainted: bool) {
+        let Some(l) = self.links.get_mut(&link) else { return };
+        let receiver = l.receiver(dir);
+        match receiver {
+            End::Client => self.deliver_to_client(link, data, tainted),
+            End::Proc(r) => {
+                let conn = l.conn_seen_by(receiver);
+                let h = l.half_mut(dir);
+                if h.receiver_gone {
+                    return;
+                }
+                if !h.reading || !h.held.is_empty() {
+                    h.held.push_back(data);
+                    return;
+                }
+                self.input(r, Input::Received { conn, data });
+            }
+        }
+    }
+
+    /// The receiver of `dir` on `link` learns that the sender closed; the
+    /// link is gone.
+    fn closed(&mut self, link: u64, dir: Dir) {
+        let Some(l) = self.links.remove(&link) else { return };
+        let receiver = l.receiver(dir);
+        let now = self.q.now();
+        let h = l.half(dir);
+        let reason = h.close_reason.clone();
+        let sender_died = h.sender_died;
+        match receiver {
+            End::Client => {
+                if self.client_link != Some(link) {
+                    return;
+                }
+                self.client_link = None;
+                self.trace.event(now, "closed", &[link], || {
+                    format!("client: {} closed by {}: {reason}", l.id, self.procs[l.server].name())
+                });
+                self.judge_client_link_closed(&l, &reason, sender_died);
+                self.client.on_disconnected();
+                self.schedule_tick(MS);
+            }
+            End::Proc(r) => {
+                if h.receiver_gone || !self.end_alive(&l, receiver) {
+                    return;
+                }
+                let conn = l.conn_seen_by(receiver);
+                let name = self.procs[r].name();
+                self.trace.event(now, "closed", &[link], || {
+                    let peer = match l.sender(dir) {
+                        End::Proc(i) => self.procs[i].name(),
+                        End::Client => "the client",
+                    };
+                    format!("{name}: {} closed by {peer}: {reason}", conn_label(conn, l.id))
+                });
+                if conn == ConnId::UPSTREAM {
+                    let server_name = self.procs[l.server].name();
+                    if !sender_died && self.procs[l.server].inc == l.server_inc {
+                        // The upstream dropped this component on purpose (it
+                        // did not die): a disk error or damage must explain it.
+                        let explained = self.procs[l.server].disk_errors > 0 || self.disk_damaged();
+                        if !explained {
+                            self.fail(format!(
+                                "{server_name} dropped {name}'s connection without a disk fault to explain it: \
+                                 {reason}"
+                            ));
+                        }
+                    }
+                    let pr = &mut self.procs[r];
+                    pr.upstream = None;
+                    pr.upstream_closed = true;
+                    let inc = pr.inc;
+                    self.q.after(UPSTREAM_EXIT_LIMIT_NS, Ev::UpstreamExitDue { proc: r, inc });
+                }
+                self.input(r, Input::Closed { conn, reason: ConnClosed::PeerClosed });
+            }
+        }
+    }
+
+    /// The front component closed the client's connection (on purpose, or
+    /// by dying): legitimate or not.
+    fn judge_client_link_closed(&mut self, l: &Link, reason: &str, sender_died: bool) {
+        let died = sender_died || self.procs[l.server].inc != l.server_inc;
+        if self.lbs_only() {
+            if self.quiet {
+                let damaged = matches!(&self.client, Client::Lbs(c) if c.damage_touches_live());
+                if damaged {
+                    // Damage reported, not returned: that is all a damaged
+                    // store owes.
+                    self.end_by_damage(reason);
+                } else {
+                    self.fail(format!("the node dropped the connection after faults stopped: {reason}"));
+                }
+            }
+            return;
+        }
+        let name = self.procs[l.server].name();
+        if self.quiet {
+            if self.corruption_reported {
+                self.end_by_damage(reason);
+            } else {
+                self.fail(format!("{name} dropped the client's connection after faults stopped: {reason}"));
+            }
+        } else if !died {
+            // kvlds drops a connection only on a malformed request, which
+            // this client never sends, or (say) on corruption it found.
+            if self.disk_damaged() {
+                self.report_corruption(&format!("{name} dropped the client: {reason}"));
+            } else {
+                self.fail(format!(
+                    "{name} dropped the client's connection without a fault to explain it: {reason}"
+                ));
+            }
+        }
+    }
+
+    /// kvlds chain: a component reported damage that the disk really has.
+    fn report_corruption(&mut self, what: &str) {
+        if !self.corruption_reported {
+            self.corruption_reported = true;
+            let now = self.q.now();
+            self.trace.event(now, "corruption", &[], || format!("reported: {what}"));
+            self.probe("sim: damage reported");
         }
     }
 
@@ -389,229 +700,411 @@ impl World {
         if self.quiet {
             return;
         }
-        if self.node.is_some() && self.crash_rng.chance(self.drawn.crash_per_ms) {
-            let power = self.crash_rng.chance(self.drawn.power_loss);
-            self.crash(power);
+        let alive: Vec<usize> = (0..self.procs.len()).filter(|p| self.procs[*p].node.is_some()).collect();
+        if !alive.is_empty() && self.crash_rng.chance(self.drawn.crash_per_ms) {
+            let victim = if alive.len() == 1 {
+                alive[0]
+            } else {
+                alive[self.crash_rng.below(alive.len() as u64) as usize]
+            };
+            // A process crash keeps the page cache; a power loss takes the
+            // machine of the component that owns the disk.
+            let power = self.procs[victim].disk.is_some() && self.crash_rng.chance(self.drawn.power_loss);
+            self.crash(victim, power);
         }
-        if self.conn.is_some() && self.crash_rng.chance(self.drawn.reset_per_ms) {
-            self.reset_connection();
+        if self.client_link.is_some() && self.crash_rng.chance(self.drawn.reset_per_ms) {
+            self.reset_client_link();
         }
         self.q.after(self.crash_rng.range(1, 2 * MS), Ev::Chaos);
     }
 
-    fn reset_connection(&mut self) {
-        let Some(c) = self.conn.take() else { return };
+    fn reset_client_link(&mut self) {
+        let Some(key) = self.client_link.take() else { return };
+        let Some(l) = self.links.remove(&key) else { return };
         self.resets += 1;
         let now = self.q.now();
-        self.trace.event(now, "reset", &[c.id.0], || format!("{} reset", c.id));
+        self.trace.event(now, "reset", &[key], || format!("client: {} reset", l.id));
         self.client.on_disconnected();
-        if !c.node_closed {
-            self.input(Input::Closed { conn: c.id, reason: ConnClosed::Failed("connection reset".into()) });
+        let server = End::Proc(l.server);
+        if !l.to_server.receiver_gone && self.end_alive(&l, server) {
+            let reason = ConnClosed::Failed("connection reset".into());
+            self.input(l.server, Input::Closed { conn: l.id, reason });
         }
         self.schedule_tick(MS);
     }
 
-    /// The node dies (a power loss too if `power`); it restarts later.
-    fn crash(&mut self, power: bool) {
+    /// Component `p` dies (a power loss of its disk too if `power`); it
+    /// restarts later.
+    fn crash(&mut self, p: usize, power: bool) {
         let now = self.q.now();
-        if self.node.take().is_some() {
+        if self.procs[p].node.is_some() {
+            self.procs[p].kill();
+            self.procs[p].crashes += 1;
             self.crashes += 1;
         }
-        self.trace.event(now, "crash", &[power as u64], || {
+        let name = self.procs[p].name();
+        self.trace.event(now, "crash", &[p as u64, power as u64], || {
             if power {
-                "power loss".into()
+                format!("{name}: power loss")
             } else {
-                "process crash".into()
+                format!("{name}: process crash")
             }
         });
         if power {
             self.power_losses += 1;
-            self.disk.crash(&mut self.disk_rng);
+            if let Some(disk) = self.procs[p].disk.as_mut() {
+                disk.crash(&mut self.disk_rng);
+            }
+            self.note_first_damage();
         }
-        self.after_node_gone();
+        self.node_gone(p);
     }
 
-    fn after_node_gone(&mut self) {
-        self.inc += 1;
-        self.accepting = false;
-        self.timer_at = None;
-        // What the node already sent is in the kernel's socket buffer: it
-        // still reaches the client (an ack made before dying is an ack).
+    /// Component `p`'s node is gone (crashed or exited): what it sent still
+    /// reaches its peers (it was in the kernel's socket buffers), then they
+    /// learn its connections closed; it restarts later.
+    fn node_gone(&mut self, p: usize) {
+        let pr = &mut self.procs[p];
+        pr.inc += 1;
+        pr.accepting = false;
+        pr.timer_at = None;
+        pr.upstream = None;
+        pr.upstream_closed = false;
         let now = self.now();
-        if let Some(c) = self.conn.as_mut().filter(|c| !c.node_closed) {
-            c.node_closed = true;
-            c.close_reason = "the node died".into();
-            let (conn, at) = (c.id, c.to_client.last_arrival_ns().max(now) + 1);
-            self.q.at(Instant::from_nanos(at), Ev::ClosedByNode { conn });
-        }
-        if !self.restart_pending {
-            self.restart_pending = true;
-            let delay = self.crash_rng.range(MS, 20 * MS);
-            self.q.after(delay, Ev::Restart);
-        }
-    }
-
-    fn start_node(&mut self) {
-        self.inc += 1;
-        self.served = false;
-        let now = self.q.now();
-        self.trace.event(now, "start", &[self.inc], || format!("lbs incarnation {}", self.inc));
-        self.fsync_failed = false;
-        self.disk_errors = 0;
-        self.node = Some((self.make_node)());
-        self.drain();
-    }
-
-    /// The node's clock: virtual time at the seed's clock rate (a node's
-    /// clock may run fast or slow; it never goes backwards).
-    fn node_now(&self) -> Instant {
-        Instant::from_nanos((self.now() as f64 * self.drawn.clock_rate) as u64)
-    }
-
-    /// Virtual time at which the node's clock reads `node_ns`.
-    fn virtual_at(&self, node_ns: u64) -> u64 {
-        let mut v = ((node_ns as f64 / self.drawn.clock_rate).ceil() as u64).max(self.now());
-        // Float rounding may leave the node's clock a nanosecond short at v.
-        while ((v as f64 * self.drawn.clock_rate) as u64) < node_ns {
-            v += 1;
-        }
-        v
-    }
-
-    fn input(&mut self, input: Input) {
-        let now = self.node_now();
-        let Some(node) = self.node.as_mut() else { return };
-        node.handle_input(now, input);
-        self.drain();
-    }
-
-    /// Acts on everything the node wants done.
-    fn drain(&mut self) {
-        loop {
-            let Some(node) = self.node.as_mut() else { return };
-            let Some(out) = node.poll_output() else { break };
-            let now = self.q.now();
-            match out {
-                Output::Send { conn, data } => self.node_sends(conn, data),
-                Output::Close { conn, reason } => {
-                    self.trace.event(now, "node-close", &[conn.0], || format!("{conn}: {reason}"));
-                    if let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) {
-                        c.node_closed = true;
-                        c.close_reason = reason;
-                        let at = c.to_client.last_arrival_ns().max(now.nanos) + 1;
-                        self.q.at(Instant::from_nanos(at), Ev::ClosedByNode { conn });
-                    }
+        let me = End::Proc(p);
+        let mut closes = Vec::new();
+        for (key, l) in self.links.iter_mut() {
+            for dir in [Dir::ToServer, Dir::ToRequester] {
+                let (sender, receiver) = (l.sender(dir), l.receiver(dir));
+                let h = l.half_mut(dir);
+                if sender == me && !h.sender_closed {
+                    h.sender_closed = true;
+                    h.sender_died = true;
+                    h.close_reason = "the node died".into();
+                    closes.push((h.pipe.last_arrival_ns().max(now) + 1, *key, dir));
                 }
+                if receiver == me {
+                    h.receiver_gone = true;
+                    h.held.clear();
+                }
+            }
+        }
+        for (at, link, dir) in closes {
+            self.q.at(Instant::from_nanos(at), Ev::Closed { link, dir });
+        }
+        let pr = &mut self.procs[p];
+        pr.want_start = false;
+        if !pr.restart_pending {
+            pr.restart_pending = true;
+            let delay = self.crash_rng.range(MS, 20 * MS);
+            self.q.after(delay, Ev::Restart { proc: p });
+        }
+    }
+
+    /// Starts component `p` if its restart is due, it is down, and the next
+    /// component (its upstream) is up and accepting.
+    fn try_start(&mut self, p: usize) {
+        let pr = &self.procs[p];
+        if pr.node.is_some() || !pr.want_start || pr.restart_pending {
+            return;
+        }
+        if let Some(up) = self.procs.get(p + 1) {
+            if up.node.is_none() || !up.accepting {
+                return; // started when it accepts
+            }
+        }
+        self.start(p);
+    }
+
+    fn start(&mut self, p: usize) {
+        let lbs_disk_errors = self.lbs_disk_errors;
+        let pr = &mut self.procs[p];
+        pr.want_start = false;
+        pr.inc += 1;
+        pr.served = false;
+        pr.fsync_failed = false;
+        pr.disk_errors = 0;
+        pr.upstream_closed = false;
+        pr.lbs_disk_errors_at_start = lbs_disk_errors;
+        let (inc, name) = (pr.inc, pr.name());
+        let now = self.q.now();
+        let start = self.procs[p].starts + 1;
+        self.trace.event(now, "start", &[p as u64, inc], || format!("{name} starts (start {start})"));
+        if p + 1 < self.procs.len() {
+            // The driver opens the upstream connection before it builds the
+            // node (the contract's `ConnId::UPSTREAM`).
+            let up = p + 1;
+            let id = ConnId(self.next_conn);
+            self.next_conn += 1;
+            self.upstream_connections += 1;
+            let up_name = self.procs[up].name();
+            self.trace.event(now, "connect", &[id.0], || format!("{name} -> {up_name}: {id}"));
+            let up_inc = self.procs[up].inc;
+            self.links.insert(id.0, Link::new(id, up, up_inc, End::Proc(p), inc));
+            self.procs[p].upstream = Some(id.0);
+            self.input(up, Input::Accepted { conn: id });
+        }
+        self.procs[p].build();
+        self.drain(p);
+    }
+
+    fn input(&mut self, p: usize, input: Input) {
+        let now = self.procs[p].clock(self.now());
+        let Some(node) = self.procs[p].node.as_mut() else { return };
+        node.node().handle_input(now, input);
+        self.drain(p);
+    }
+
+    /// The link and direction component `p` sends on when it names `conn`.
+    fn resolve(&self, p: usize, conn: ConnId) -> Option<(u64, Dir)> {
+        if conn == ConnId::UPSTREAM {
+            return self.procs[p].upstream.map(|k| (k, Dir::ToServer));
+        }
+        let l = self.links.get(&conn.0)?;
+        (l.server == p && l.server_inc == self.procs[p].inc).then_some((conn.0, Dir::ToRequester))
+    }
+
+    /// Acts on everything component `p` wants done.
+    fn drain(&mut self, p: usize) {
+        loop {
+            let Some(node) = self.procs[p].node.as_mut() else { return };
+            let Some(out) = node.node().poll_output() else { break };
+            let now = self.q.now();
+            let name = self.procs[p].name();
+            match out {
+                Output::Send { conn, data } => self.node_sends(p, conn, data),
+                Output::Close { conn, reason } => self.node_closes(p, conn, reason),
                 Output::ReadInterest { conn, enabled } => {
-                    if let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) {
-                        c.node_reading = enabled;
-                        if enabled {
-                            // Hand over what was held, in order, now.
-                            if !c.held.is_empty() {
-                                self.q.after(0, Ev::DeliverHeld { conn });
-                            }
-                        }
+                    let Some((key, out_dir)) = self.resolve(p, conn) else { continue };
+                    let in_dir = out_dir.reverse();
+                    let Some(l) = self.links.get_mut(&key) else { continue };
+                    let h = l.half_mut(in_dir);
+                    h.reading = enabled;
+                    self.trace.event(now, "read-interest", &[p as u64, conn.0, enabled as u64], || {
+                        format!("{name}: {} reading {enabled}", conn_label(conn, ConnId(key)))
+                    });
+                    if enabled && !h.held.is_empty() {
+                        // Hand over what was held, in order, now.
+                        self.q.after(0, Ev::DeliverHeld { link: key, dir: in_dir });
                     }
                 }
                 Output::Accepting(on) => {
-                    self.accepting = on;
-                    self.served |= on;
+                    let pr = &mut self.procs[p];
+                    pr.accepting = on;
+                    pr.served |= on;
                     if on {
-                        self.schedule_tick(0);
+                        if p == 0 {
+                            self.schedule_tick(0);
+                        } else {
+                            self.q.after(0, Ev::TryStart { proc: p - 1 });
+                        }
                     }
                 }
                 Output::Disk { id, op } => {
+                    if self.procs[p].disk.is_none() {
+                        self.fail(format!(
+                            "{name} asked for a disk operation ({}) but has no disk",
+                            op.verb()
+                        ));
+                        continue;
+                    }
                     let [lo, hi] = self.drawn.disk_latency_us;
                     // Syncs wait for the device: they take longer, which
                     // leaves crashes a window with unsynced writes.
                     let sync = matches!(op, DiskOp::SyncFile { .. } | DiskOp::SyncDir);
                     let delay = self.disk_rng.range(lo, hi) * US * if sync { 8 } else { 1 } + 1;
-                    let inc = self.inc;
-                    self.q.after(delay, Ev::Disk { inc, id, op });
+                    let inc = self.procs[p].inc;
+                    self.q.after(delay, Ev::Disk { proc: p, inc, id, op });
                 }
                 Output::Log { message, .. } => {
-                    for (needle, probe) in LOG_PROBES {
-                        if message.contains(needle) {
-                            *self.probes.entry(probe.to_string()).or_default() += 1;
+                    if self.procs[p].kind == Kind::Lbs {
+                        for (needle, probe) in LOG_PROBES {
+                            if message.contains(needle) {
+                                *self.probes.entry(probe.to_string()).or_default() += 1;
+                            }
+                        }
+                        if !self.lbs_only() && message.contains("is corrupt") && self.disk_damaged() {
+                            self.report_corruption(&message);
                         }
                     }
-                    self.trace.event(now, "log", &[], || message);
+                    self.trace.event(now, "log", &[p as u64], || format!("{name}: {message}"));
                 }
                 Output::Exit(reason) => {
                     self.node_exits += 1;
-                    let probe = if !self.served {
-                        "lbs: refused to start"
-                    } else if reason.message.contains("fsync") {
-                        "lbs: stopped after a failed fsync"
-                    } else {
-                        "lbs: stopped on another disk error"
-                    };
-                    *self.probes.entry(probe.to_string()).or_default() += 1;
-                    self.trace.event(now, "exit", &[], || reason.message.clone());
-                    // An exit is legitimate after a disk error of this
-                    // incarnation, or when damage touched blocks the store
-                    // holds; otherwise the node stopped for no reason the
-                    // fault model gave.
-                    self.note_damage();
-                    let damaged = self.client.damage_touches_live();
-                    let refused = !self.served;
-                    if self.disk_errors == 0 && !damaged {
-                        self.fail(format!(
-                            "lbs exited without a disk fault to explain it: {}",
-                            reason.message
-                        ));
-                    } else if self.quiet && !damaged {
-                        self.fail(format!("lbs did not come up after faults stopped: {}", reason.message));
-                    } else if self.quiet {
-                        // A damaged store that refuses to start has reported
-                        // the damage: all it owes.
-                        self.finished_by_damage = true;
-                    } else if refused && damaged {
-                        // Faults stop; if it still refuses without them, the
-                        // run ends there (above).
-                        self.node = None;
-                        self.after_node_gone();
-                        self.begin_quiet_phase();
-                        return;
+                    self.procs[p].exits += 1;
+                    self.trace.event(now, "exit", &[p as u64], || format!("{name}: {}", reason.message));
+                    match self.procs[p].kind {
+                        Kind::Lbs => self.lbs_exited(p, reason),
+                        Kind::Kvlds => self.kvlds_exited(p, reason),
                     }
-                    self.node = None;
-                    self.after_node_gone();
                     return;
                 }
             }
         }
-        // The node's timer, which fires late by up to the seed's lateness.
-        let due = self.node.as_ref().and_then(|n| n.poll_timeout()).map(|t| self.virtual_at(t.nanos));
-        if let Some(due) = due {
-            if self.timer_at.is_none_or(|t| due < t) {
-                self.timer_at = Some(due);
-                let inc = self.inc;
-                let late = self.time_rng.below(self.drawn.timer_late_us + 1) * US;
-                self.q.at(Instant::from_nanos(due + late), Ev::Timer { inc });
+        self.arm_timer(p);
+        if let Some((pages, max)) = self.procs[p].cache_pages() {
+            if pages > max {
+                self.fail(format!("kvlds's cache holds {pages} pages, over its bound of {max}"));
             }
         }
     }
 
-    /// The node's bytes go towards the client, split at random points,
-    /// each piece after a random latency but in order.
-    fn node_sends(&mut self, conn: ConnId, data: Bytes) {
-        let tainted = self.fsync_failed;
+    /// The node's timer, which fires late by up to the component's lateness.
+    fn arm_timer(&mut self, p: usize) {
         let now = self.now();
-        let Some(c) = self.conn.as_mut().filter(|c| c.id == conn && !c.node_closed) else { return };
-        let len = data.len() as u64;
-        for (at, piece) in c.to_client.send(&mut self.net_rng, now, self.drawn.net_latency_us, data) {
-            self.q.at(Instant::from_nanos(at), Ev::ToClient { conn, data: piece, tainted });
+        let pr = &self.procs[p];
+        let due = pr.node.as_ref().and_then(|n| n.poll_timeout()).map(|t| pr.virtual_at(now, t.nanos));
+        if let Some(due) = due {
+            if pr.timer_at.is_none_or(|t| due < t) {
+                let late = self.time_rng.below(pr.timer_late_us + 1) * US;
+                let inc = pr.inc;
+                self.procs[p].timer_at = Some(due);
+                self.q.at(Instant::from_nanos(due + late), Ev::Timer { proc: p, inc });
+            }
         }
-        let at = c.to_client.last_arrival_ns();
-        self.q.at(Instant::from_nanos(at), Ev::Sent { conn, len });
     }
 
-    fn deliver_to_client(&mut self, conn: ConnId, data: Bytes, tainted: bool) {
-        let Some(c) = self.conn.as_mut().filter(|c| c.id == conn) else { return };
-        c.client_decoder.push(&data);
+    /// lbs stopped: legitimate only after a disk error of its own
+    /// incarnation, or over damage.
+    fn lbs_exited(&mut self, p: usize, reason: ExitReason) {
+        let served = self.procs[p].served;
+        let probe = if !served {
+            "lbs: refused to start"
+        } else if reason.message.contains("fsync") {
+            "lbs: stopped after a failed fsync"
+        } else {
+            "lbs: stopped on another disk error"
+        };
+        self.probe(probe);
+        // With lbs alone the client knows which blocks hold acknowledged
+        // data; behind kvlds, any damage may be what it found.
+        let damaged = if self.lbs_only() {
+            self.note_damage();
+            matches!(&self.client, Client::Lbs(c) if c.damage_touches_live())
+        } else {
+            self.disk_damaged()
+        };
+        let disk_errors = self.procs[p].disk_errors;
+        if damaged && !self.lbs_only() && (disk_errors == 0 || !served || self.quiet) {
+            self.report_corruption(&reason.message);
+        }
+        self.procs[p].kill();
+        if disk_errors == 0 && !damaged {
+            self.fail(format!("lbs exited without a disk fault to explain it: {}", reason.message));
+        } else if self.quiet && !damaged {
+            self.fail(format!("lbs did not come up after faults stopped: {}", reason.message));
+        } else if self.quiet {
+            // A damaged store that refuses to start has reported the
+            // damage: all it owes.
+            self.end_by_damage(&reason.message);
+        } else if !served && damaged && self.lbs_only() {
+            // Faults stop; if it still refuses without them, the run ends
+            // there (above).
+            self.node_gone(p);
+            self.begin_quiet_phase("the store refused to start over damage; faults stop");
+            return;
+        }
+        self.node_gone(p);
+    }
+
+    /// kvlds stopped: normal once its upstream closed; otherwise only over
+    /// damage, or after an lbs disk error.
+    fn kvlds_exited(&mut self, p: usize, reason: ExitReason) {
+        let pr = &self.procs[p];
+        let (upstream_closed, lbs_errors_since) =
+            (pr.upstream_closed, self.lbs_disk_errors > pr.lbs_disk_errors_at_start);
+        self.procs[p].kill();
+        if upstream_closed {
+            self.probe("kvlds: exited after its upstream closed");
+            if self.quiet {
+                if self.corruption_reported {
+                    self.end_by_damage(&reason.message);
+                } else {
+                    self.fail(format!(
+                        "kvlds exited after faults stopped (its upstream closed): {}",
+                        reason.message
+                    ));
+                }
+            }
+        } else if self.disk_damaged() {
+            self.probe("kvlds: exited over damage");
+            self.report_corruption(&reason.message);
+            if self.quiet {
+                self.end_by_damage(&reason.message);
+            }
+        } else if lbs_errors_since && !self.quiet {
+            self.probe("kvlds: exited after an lbs disk error");
+        } else {
+            self.fail(format!("kvlds exited without a fault to explain it: {}", reason.message));
+        }
+        self.node_gone(p);
+    }
+
+    /// Component `p`'s bytes go towards the peer on `conn`, split at random
+    /// points, each piece after a random latency but in order.
+    fn node_sends(&mut self, p: usize, conn: ConnId, data: Bytes) {
+        let tainted = self.procs[p].fsync_failed;
+        let now = self.now();
+        let Some((key, dir)) = self.resolve(p, conn) else { return };
+        let Some(l) = self.links.get_mut(&key) else { return };
+        if l.half(dir).sender_closed {
+            return;
+        }
+        let len = data.len() as u64;
+        if let End::Proc(_) = l.requester {
+            // Between two nodes: show the messages in a kept trace.
+            let name = |end: End| match end {
+                End::Proc(i) => self.procs[i].name(),
+                End::Client => "client",
+            };
+            let (from, to) = (name(l.sender(dir)), name(l.receiver(dir)));
+            let h = l.half_mut(dir);
+            let wire = data.clone();
+            self.trace
+                .event(self.q.now(), "wire", &[key, len], || describe_wire(&mut h.tap, dir, &wire, from, to));
+        }
+        let h = l.half_mut(dir);
+        for (at, piece) in h.pipe.send(&mut self.net_rng, now, self.drawn.net_latency_us, data) {
+            self.q.at(Instant::from_nanos(at), Ev::Arrive { link: key, dir, data: piece, tainted });
+        }
+        let at = h.pipe.last_arrival_ns();
+        self.q.at(Instant::from_nanos(at), Ev::Sent { link: key, dir, len });
+    }
+
+    /// Component `p` closes `conn`: its peer learns after the last bytes.
+    fn node_closes(&mut self, p: usize, conn: ConnId, reason: String) {
+        let now = self.q.now();
+        let name = self.procs[p].name();
+        let Some((key, dir)) = self.resolve(p, conn) else { return };
+        self.trace.event(now, "node-close", &[p as u64, conn.0], || {
+            format!("{name}: closes {}: {reason}", conn_label(conn, ConnId(key)))
+        });
+        let Some(l) = self.links.get_mut(&key) else { return };
+        let h = l.half_mut(dir);
+        if !h.sender_closed {
+            h.sender_closed = true;
+            h.close_reason = reason;
+            let at = h.pipe.last_arrival_ns().max(now.nanos) + 1;
+            self.q.at(Instant::from_nanos(at), Ev::Closed { link: key, dir });
+        }
+        let back = l.half_mut(dir.reverse());
+        back.receiver_gone = true;
+        back.held.clear();
+        if conn == ConnId::UPSTREAM {
+            self.procs[p].upstream = None;
+        }
+    }
+
+    fn deliver_to_client(&mut self, link: u64, data: Bytes, tainted: bool) {
+        if self.client_link != Some(link) {
+            return;
+        }
+        let Some(l) = self.links.get_mut(&link) else { return };
+        let conn = l.id;
+        l.decoder.push(&data);
         let mut packets = Vec::new();
         loop {
-            match c.client_decoder.next_packet() {
+            match l.decoder.next_packet() {
                 Ok(Some(p)) => packets.push(p),
                 Ok(None) => break,
                 Err(e) => return self.fail(format!("the node sent a malformed packet: {e}")),
@@ -619,8 +1112,15 @@ impl World {
         }
         for packet in packets {
             let now = self.q.now();
-            self.trace.event(now, "response", &[packet.id], || format!("{conn} response {:#x}", packet.id));
-            if let Err(e) = self.client.on_packet(packet, tainted) {
+            self.last_progress_ns = now.nanos;
+            let id = packet.id;
+            let result = self.client.on_packet(packet, tainted, now.nanos);
+            let note = self.client.take_response_note();
+            self.trace.event(now, "response", &[id], || match note {
+                Some(note) => format!("client: {conn} response {id:#x}: {note}"),
+                None => format!("client: {conn} response {id:#x}"),
+            });
+            if let Err(e) = result {
                 return self.fail(e);
             }
         }
@@ -628,16 +1128,19 @@ impl World {
     }
 
     /// Maps the disk's damage to the lbs blocks whose records it touched
-    /// (a damaged header: every block of the file).
+    /// (a damaged header: every block of the file). lbs alone only: its
+    /// client holds the block-level oracle.
     fn note_damage(&mut self) {
         use crate::storage::Damage;
         use kivaloo_nodes::lbs::layout::{parse_file_name, record_len, FILE_HEADER_LEN};
+        let Some(disk) = self.procs.last().and_then(|p| p.disk.as_ref()) else { return };
+        let Client::Lbs(client) = &mut self.client else { return };
         let rec = record_len(self.drawn.block_size);
-        let mut firsts: Vec<u64> = self.disk.names().iter().filter_map(|n| parse_file_name(n)).collect();
+        let mut firsts: Vec<u64> = disk.names().iter().filter_map(|n| parse_file_name(n)).collect();
         let mut ranges = Vec::new();
         let seen = self.damage_noted;
-        self.damage_noted = self.disk.damage().len();
-        for d in &self.disk.damage()[seen..] {
+        self.damage_noted = disk.damage().len();
+        for d in &disk.damage()[seen..] {
             let (file, spans) = match d {
                 Damage::BitRot { file, offset } => (file, vec![(*offset, 1)]),
                 Damage::Misdirected { file, intended_offset, landed_offset, len } => {
@@ -655,12 +1158,12 @@ impl World {
             for (off, len) in spans {
                 if off < FILE_HEADER_LEN {
                     let end = firsts.iter().copied().find(|f| *f > first).unwrap_or(first + 65536);
-                    self.client.damaged_blocks.extend(first..end);
+                    client.damaged_blocks.extend(first..end);
                     continue;
                 }
                 let lo = first + (off - FILE_HEADER_LEN) / rec;
                 let hi = first + (off + len.max(1) - 1 - FILE_HEADER_LEN) / rec;
-                self.client.damaged_blocks.extend(lo..=hi);
+                client.damaged_blocks.extend(lo..=hi);
             }
         }
     }
@@ -673,37 +1176,43 @@ impl World {
     }
 
     fn client_tick(&mut self) {
-        self.client.damaged = !self.disk.damage().is_empty();
-        self.note_damage();
+        if self.lbs_only() {
+            let damaged = self.disk_damaged();
+            if let Client::Lbs(c) = &mut self.client {
+                c.damaged = damaged;
+            }
+            self.note_damage();
+        }
         let mut out = BytesMut::new();
-        if self.conn.is_none() {
-            if !self.accepting || self.node.is_none() {
+        let now = self.q.now();
+        if self.client_link.is_none() {
+            let front = &self.procs[0];
+            if !front.accepting || front.node.is_none() {
                 return;
             }
             let id = ConnId(self.next_conn);
             self.next_conn += 1;
-            let now = self.q.now();
-            self.trace.event(now, "connect", &[id.0], || format!("{id}"));
-            self.conn = Some(Conn {
-                id,
-                node_reading: true,
-                held: VecDeque::new(),
-                to_node: Pipe::default(),
-                to_client: Pipe::default(),
-                client_decoder: PacketDecoder::new(),
-                node_closed: false,
-                close_reason: String::new(),
+            self.client_connections += 1;
+            self.last_progress_ns = now.nanos;
+            let name = front.name();
+            let n = self.client_connections;
+            self.trace.event(now, "connect", &[id.0], || {
+                format!("client -> {name}: {id} (the client's connection {n} in its history)")
             });
-            self.input(Input::Accepted { conn: id });
-            if self.conn.is_none() {
+            self.links.insert(id.0, Link::new(id, 0, front.inc, End::Client, 0));
+            self.client_link = Some(id.0);
+            self.input(0, Input::Accepted { conn: id });
+            if self.client_link.is_none() {
                 return;
             }
             self.client.on_connected(&mut out);
-        } else {
-            self.client.issue(&mut self.work_rng, &mut out);
+        }
+        self.client.issue(&mut self.work_rng, now.nanos, &mut out);
+        for id in self.client.take_issued() {
+            let client = &self.client;
+            self.trace.event(now, "request", &[id], || format!("client: {}", client.describe_request(id)));
         }
         if !out.is_empty() {
-            let now = self.q.now();
             let (len, in_flight) = (out.len() as u64, self.client.in_flight() as u64);
             self.trace.event(now, "client-send", &[len, in_flight], || {
                 format!("{len} bytes of requests, {in_flight} in flight")
@@ -712,13 +1221,57 @@ impl World {
         }
     }
 
-    /// The client's bytes go towards the node, split and delayed, in order.
+    /// The client's bytes go towards the front component, split and
+    /// delayed, in order.
     fn client_sends(&mut self, data: Bytes) {
         let now = self.now();
-        let Some(c) = self.conn.as_mut() else { return };
-        let conn = c.id;
-        for (at, piece) in c.to_node.send(&mut self.net_rng, now, self.drawn.net_latency_us, data) {
-            self.q.at(Instant::from_nanos(at), Ev::ToNode { conn, data: piece });
+        let Some(key) = self.client_link else { return };
+        let Some(l) = self.links.get_mut(&key) else { return };
+        for (at, piece) in l.to_server.pipe.send(&mut self.net_rng, now, self.drawn.net_latency_us, data) {
+            self.q.at(
+                Instant::from_nanos(at),
+                Ev::Arrive { link: key, dir: Dir::ToServer, data: piece, tainted: false },
+            );
         }
+    }
+}
+
+/// The messages in `data`, sent from `from` to `to` in `dir` between two
+/// nodes, readable (lbs requests decoded; responses by id and status).
+/// `tap` holds a message split across sends.
+fn describe_wire(tap: &mut PacketDecoder, dir: Dir, data: &Bytes, from: &str, to: &str) -> String {
+    tap.push(data);
+    let mut parts = Vec::new();
+    while let Ok(Some(packet)) = tap.next_packet() {
+        let (id, len) = (packet.id, packet.record.len());
+        parts.push(match dir {
+            Dir::ToServer => match LbsRequest::decode(packet.record) {
+                Ok(LbsRequest::Get { block }) => format!("{id:#x} GET {block}"),
+                Ok(LbsRequest::Append { count, start, .. }) => format!("{id:#x} APPEND {count} at {start}"),
+                Ok(LbsRequest::Free { keep_from }) => format!("{id:#x} FREE below {keep_from}"),
+                Ok(r) => format!("{id:#x} {:?}", r.kind()),
+                Err(e) => format!("{id:#x} undecodable ({e})"),
+            },
+            Dir::ToRequester => {
+                let status = packet.record.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                match status {
+                    Some(status) => format!("{id:#x} status {status}, {len} bytes"),
+                    None => format!("{id:#x} {len} bytes"),
+                }
+            }
+        });
+    }
+    let what =
+        if parts.is_empty() { format!("{} bytes (part of a message)", data.len()) } else { parts.join(", ") };
+    format!("{from} -> {to}: {what}")
+}
+
+/// How a trace names a connection: the upstream by its id on the server's
+/// side too.
+fn conn_label(conn: ConnId, id: ConnId) -> String {
+    if conn == ConnId::UPSTREAM {
+        format!("upstream {id}")
+    } else {
+        conn.to_string()
     }
 }

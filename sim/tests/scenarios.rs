@@ -9,10 +9,18 @@ use std::path::{Path, PathBuf};
 use kivaloo_sim::runner::{replay_command, run_seed, scenario_files};
 use kivaloo_sim::scenario::Scenario;
 
-/// Seeds per scenario in `cargo test` (a sweep runs each scenario's own
-/// count). Shared with `ci/mutants.sh`, which must find every deliberate
-/// bug within this budget.
+/// Seeds per lbs scenario in `cargo test` (a sweep runs each scenario's
+/// own count). Shared with `ci/mutants.sh`, which must find every
+/// deliberate bug within this budget.
 const CI_SEEDS: u64 = 100;
+
+/// Seeds per kvlds scenario (`kvlds-*.toml`) in `cargo test`: a kvlds run
+/// costs far more than an lbs one (two nodes, a B+tree, a linearizability
+/// check), so CI affords fewer. Chosen so that the four kvlds scenarios,
+/// each seed run twice, take under about two minutes in the test profile on
+/// two cores (about 50 s when this was set, beside the lbs sweep), leaving
+/// room for the node to grow.
+const KVLDS_CI_SEEDS: u64 = 300;
 
 fn scenarios_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
@@ -50,49 +58,119 @@ fn check_seed(
     None
 }
 
-#[test]
-fn every_scenario_passes_its_ci_seeds_twice_alike_and_reaches_every_probe() {
-    let files = scenario_files(&scenarios_dir()).unwrap();
-    assert!(files.len() >= 8, "scenarios missing: {files:?}");
+/// Runs the CI seeds of every scenario file whose name starts with
+/// `prefix`, `seeds` each (or fewer if the scenario has fewer), twice;
+/// returns the failures and the summed probes.
+fn sweep_ci(prefix: &str, seeds: u64) -> (usize, Vec<String>, BTreeMap<String, u64>) {
+    let files: Vec<PathBuf> = scenario_files(&scenarios_dir())
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix)))
+        .collect();
     let mut failures = Vec::new();
     let mut probes = BTreeMap::new();
     for path in &files {
         let scenario = Scenario::load(path).unwrap();
-        for seed in 0..CI_SEEDS.min(scenario.seeds) {
+        for seed in 0..seeds.min(scenario.seeds) {
             failures.extend(check_seed(path, &scenario, seed, &mut probes));
         }
     }
-    assert!(failures.is_empty(), "{} failing seeds:\n{}", failures.len(), failures.join("\n"));
-    let must_reach = [
-        "sim: crashes",
-        "sim: power losses",
-        "sim: connection resets",
-        "sim: node timers fired",
-        "disk: torn_writes",
-        "disk: scattered_torn_writes",
-        "disk: dropped_writes",
-        "disk: failed_fsyncs",
-        "disk: fsync_kept_pages",
-        "disk: failed_dir_syncs",
-        "disk: vanished_creates",
-        "disk: eio_reads",
-        "disk: eio_writes",
-        "disk: enospc",
-        "disk: disk_full",
-        "disk: short_reads",
-        "disk: short_writes",
-        "disk: misdirected",
-        "disk: rotted",
-        "lbs: torn tail cut at recovery",
-        "lbs: torn new file removed at recovery",
-        "lbs: torn header rewritten at recovery",
-        "lbs: corruption reported on GET",
-        "lbs: stopped after a failed fsync",
-        "lbs: freed file removed",
-    ];
+    (files.len(), failures, probes)
+}
+
+#[test]
+fn every_scenario_file_is_in_a_ci_sweep() {
+    for path in scenario_files(&scenarios_dir()).unwrap() {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name.starts_with("lbs-") || name.starts_with("kvlds-"),
+            "{name}: CI sweeps lbs-*.toml and kvlds-*.toml only; name it so, or add a sweep"
+        );
+        Scenario::load(&path).unwrap();
+    }
+}
+
+/// Fails naming every probe of `must_reach` that the sweep never reached.
+fn assert_reached(must_reach: &[&str], probes: &BTreeMap<String, u64>) {
     let missed: Vec<&str> =
         must_reach.iter().copied().filter(|p| probes.get(*p).copied().unwrap_or(0) == 0).collect();
     assert!(missed.is_empty(), "the sweep never reached {missed:?}; probes: {probes:#?}");
+}
+
+#[test]
+fn every_lbs_scenario_passes_its_ci_seeds_twice_alike_and_reaches_every_probe() {
+    let (files, failures, probes) = sweep_ci("lbs-", CI_SEEDS);
+    assert!(files >= 8, "lbs scenarios missing: {files} found");
+    assert!(failures.is_empty(), "{} failing seeds:\n{}", failures.len(), failures.join("\n"));
+    assert_reached(
+        &[
+            "sim: crashes",
+            "sim: power losses",
+            "sim: connection resets",
+            "sim: node timers fired",
+            "disk: torn_writes",
+            "disk: scattered_torn_writes",
+            "disk: dropped_writes",
+            "disk: failed_fsyncs",
+            "disk: fsync_kept_pages",
+            "disk: failed_dir_syncs",
+            "disk: vanished_creates",
+            "disk: eio_reads",
+            "disk: eio_writes",
+            "disk: enospc",
+            "disk: disk_full",
+            "disk: short_reads",
+            "disk: short_writes",
+            "disk: misdirected",
+            "disk: rotted",
+            "lbs: torn tail cut at recovery",
+            "lbs: torn new file removed at recovery",
+            "lbs: torn header rewritten at recovery",
+            "lbs: corruption reported on GET",
+            "lbs: stopped after a failed fsync",
+            "lbs: freed file removed",
+        ],
+        &probes,
+    );
+}
+
+#[test]
+fn every_kvlds_scenario_passes_its_ci_seeds_twice_alike_and_reaches_every_probe() {
+    let (files, failures, probes) = sweep_ci("kvlds-", KVLDS_CI_SEEDS);
+    assert!(files >= 4, "kvlds scenarios missing: {files} found");
+    assert!(failures.is_empty(), "{} failing seeds:\n{}", failures.len(), failures.join("\n"));
+    assert_reached(
+        &[
+            // The B+tree's hard paths (kvlds's own counters, summed over
+            // every incarnation).
+            "kvlds.commits",
+            "kvlds.splits",
+            "kvlds.root_splits",
+            "kvlds.merges",
+            "kvlds.deroots",
+            "kvlds.evictions",
+            "kvlds.page_reads",
+            "kvlds.waits_for_pages",
+            "kvlds.recoveries_found_root",
+            "kvlds.frees",
+            // The chain under faults.
+            "sim: kvlds crashes",
+            "sim: lbs crashes",
+            "sim: power losses",
+            "sim: connection resets",
+            "sim: client reconnections",
+            "sim: upstream reconnections",
+            "sim: node timers fired",
+            "kvlds: exited after its upstream closed",
+            "lbs: stopped after a failed fsync",
+            "lbs: torn tail cut at recovery",
+            "disk: failed_fsyncs",
+            "disk: eio_reads",
+            "disk: rotted",
+            "disk: misdirected",
+        ],
+        &probes,
+    );
 }
 
 #[test]

@@ -60,10 +60,10 @@ fn main() -> ExitCode {
             println!("scenario {} seed {seed}", scenario.name);
             println!("drawn: {:?}", outcome.drawn);
             println!(
-                "{} requests, {} blocks acknowledged, {} crashes ({} power losses), {} resets, {} exits, \
+                "{} requests, {} writes acknowledged, {} crashes ({} power losses), {} resets, {} exits, \
                  {:.3} s virtual, {:.3} s real, trace hash {:016x}",
                 outcome.requests,
-                outcome.acked_blocks,
+                outcome.acked,
                 outcome.crashes,
                 outcome.power_losses,
                 outcome.resets,
@@ -72,6 +72,9 @@ fn main() -> ExitCode {
                 started.elapsed().as_secs_f64(),
                 outcome.trace_hash
             );
+            if outcome.corruption_reported {
+                println!("the damaged store reported the damage after faults stopped: the run ends there");
+            }
             match outcome.failure {
                 None => {
                     println!("ok");
@@ -117,13 +120,14 @@ fn main() -> ExitCode {
                 println!("  {n:>10}  {name}");
             }
             println!(
-                "{} runs of {} scenarios: {} simulated requests, {} crashes ({} power losses) in {secs:.2} s \
-                 ({:.0} requests/s on {jobs} threads); {} failed",
+                "{} runs of {} scenarios: {} simulated requests, {} crashes ({} power losses), {} ended by \
+                 reported damage, in {secs:.2} s ({:.0} requests/s on {jobs} threads); {} failed",
                 report.runs,
                 files.len(),
                 report.requests,
                 report.crashes,
                 report.power_losses,
+                report.ended_by_damage,
                 report.requests as f64 / secs,
                 report.failures.len()
             );
