@@ -21,6 +21,10 @@ struct MemLbs {
     /// APPENDs received but not yet durable (acknowledged later, or lost
     /// when the test "crashes" before [`MemLbs::sync`]).
     unsynced: Vec<(u64, LbsRequest)>,
+    /// GETs of these blocks are held (not answered) ...
+    hold: std::collections::BTreeSet<u64>,
+    /// ... here: (request id, block).
+    held: Vec<(u64, u64)>,
 }
 
 impl MemLbs {
@@ -31,6 +35,8 @@ impl MemLbs {
             next_block: 0,
             decoder: PacketDecoder::new(),
             unsynced: vec![],
+            hold: Default::default(),
+            held: vec![],
         }
     }
 
@@ -46,6 +52,10 @@ impl MemLbs {
                     next_block: self.next_block,
                     last_block: self.blocks.keys().next_back().copied().unwrap_or(NO_LAST_BLOCK),
                 },
+                LbsRequest::Get { block } if self.hold.contains(&block) => {
+                    self.held.push((p.id, block));
+                    continue;
+                }
                 LbsRequest::Get { block } => LbsResponse::Get(self.blocks.get(&block).cloned()),
                 LbsRequest::Free { keep_from } => {
                     self.blocks.retain(|&b, _| b >= keep_from);
@@ -94,6 +104,12 @@ struct Harness {
     responses: BTreeMap<u64, Bytes>,
     accepting: bool,
     now: u64,
+    /// Why kvlds exited, if it did.
+    exited: Option<String>,
+    /// Whether APPENDs are made durable and answered as soon as idle.
+    auto_sync: bool,
+    /// The largest single Send to the client.
+    biggest_client_send: usize,
 }
 
 impl Harness {
@@ -109,6 +125,9 @@ impl Harness {
             responses: BTreeMap::new(),
             accepting: false,
             now: 0,
+            exited: None,
+            auto_sync: true,
+            biggest_client_send: 0,
         };
         h.settle();
         h.connect();
@@ -131,6 +150,7 @@ impl Harness {
                     }
                     Output::Send { conn, data } => {
                         assert_eq!(Some(conn), self.client);
+                        self.biggest_client_send = self.biggest_client_send.max(data.len());
                         self.decoder.push(&data);
                         while let Some(p) = self.decoder.next_packet().unwrap() {
                             assert!(
@@ -142,13 +162,16 @@ impl Harness {
                         self.input(Input::Sent { conn, len_bytes: data.len() as u64 });
                     }
                     Output::Accepting(on) => self.accepting = on,
-                    Output::Exit(r) => panic!("kvlds exited: {}", r.message),
+                    Output::Exit(r) => {
+                        self.exited = Some(r.message);
+                        return;
+                    }
                     Output::Close { reason, .. } => panic!("kvlds dropped the client: {reason}"),
                     Output::Log { .. } | Output::ReadInterest { .. } => {}
                     Output::Disk { .. } => panic!("kvlds asked for disk I/O"),
                 }
             }
-            let synced = self.lbs.sync();
+            let synced = if self.auto_sync { self.lbs.sync() } else { BytesMut::new() };
             if !synced.is_empty() {
                 moved = true;
                 self.input(Input::Received { conn: ConnId::UPSTREAM, data: synced.freeze() });
@@ -186,8 +209,11 @@ impl Harness {
         self.kvlds = KvldsNode::new(self.config.clone());
         self.client = None;
         self.accepting = false;
+        self.exited = None;
         self.settle();
-        self.connect();
+        if self.exited.is_none() {
+            self.connect();
+        }
     }
 
     /// Sends `requests` pipelined (in pieces of a few bytes), returns the
@@ -203,6 +229,7 @@ impl Harness {
             self.input(Input::Received { conn, data: Bytes::copy_from_slice(chunk) });
         }
         self.settle();
+        assert_eq!(self.exited, None, "kvlds exited");
         let answers: Vec<_> = (0..requests.len() as u64)
             .map(|i| {
                 let record = self.responses.remove(&i).unwrap_or_else(|| panic!("no answer to request {i}"));
@@ -422,4 +449,154 @@ fn cpu_cost_of_random_inserts() {
     let secs = started.elapsed().as_secs_f64();
     println!("{done} random inserts in {secs:.2} s = {:.0}/s; {:?}", done as f64 / secs, h.kvlds.probes());
     println!("blocks written: {}", h.lbs.next_block);
+}
+
+// Regression tests from a review of the node (each failed before its fix).
+
+fn send(h: &mut Harness, reqs: &[(u64, KvldsRequest)]) {
+    let mut buf = BytesMut::new();
+    for (id, r) in reqs {
+        r.encode(*id, &mut buf);
+    }
+    let conn = h.client.unwrap();
+    h.input(Input::Received { conn, data: buf.freeze() });
+    h.settle();
+}
+
+fn k(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// Found by review: the UNSENT_BYTES_MAX bound is checked against `unsent_bytes`,
+/// which only grows in flush() at the end of handle_input; answers produced
+/// while one input is processed are not counted.
+#[test]
+fn review_finding_unsent_bound_counts_answers_of_the_same_input() {
+    let mut h = Harness::new(4096, KvldsConfig { check_invariants: true, ..Default::default() });
+    for chunk in (0..8000u32).collect::<Vec<_>>().chunks(1000) {
+        let reqs: Vec<_> = chunk
+            .iter()
+            .map(|i| KvldsRequest::Set {
+                key: Bytes::from(format!("key{i:06}")),
+                value: Bytes::from(vec![b'v'; 120]),
+            })
+            .collect();
+        h.call(&reqs);
+    }
+    h.biggest_client_send = 0;
+    // 64 RANGE requests of 30 bytes each: one 1920-byte read from the socket.
+    let reqs: Vec<_> = (0..64u64)
+        .map(|i| {
+            (1000 + i, KvldsRequest::Range { max_bytes: 1 << 20, start: Bytes::new(), end: Bytes::new() })
+        })
+        .collect();
+    send(&mut h, &reqs);
+    let bound =
+        kivaloo_nodes::kvlds::UNSENT_BYTES_MAX as usize + kivaloo_nodes::kvlds::RANGE_BYTES_MAX + 4096;
+    assert!(
+        h.biggest_client_send <= bound,
+        "one Send of {} bytes from one 1920-byte input; bound {} ",
+        h.biggest_client_send,
+        bound
+    );
+}
+
+/// Found by review: a read of a client that closed stays in its page load's
+/// `readers`; the FREE after a later commit may drop the block, and the
+/// absent answer is then taken as "part of the tree but missing": exit.
+#[test]
+fn review_finding_forgotten_reader_does_not_make_a_freed_block_fatal() {
+    let cfg = KvldsConfig { cache_pages_max: Some(1), check_invariants: true, ..Default::default() };
+    let mut h = Harness::new(512, cfg);
+    let v = Bytes::from(vec![b'x'; 94]);
+    let keys: Vec<Bytes> = (0..6).map(|i| k(&format!("k{i:03}"))).collect();
+    let reqs: Vec<_> =
+        keys.iter().map(|key| KvldsRequest::Set { key: key.clone(), value: v.clone() }).collect();
+    h.call(&reqs);
+    let root = h.lbs.next_block - 1; // two leaves just below it
+    h.restart(); // cache: the root only
+    h.auto_sync = false;
+    send(&mut h, &[(1, KvldsRequest::Set { key: keys[0].clone(), value: k("new") })]);
+    assert_eq!(h.lbs.unsynced.len(), 1, "the APPEND of leaf 3 and root 4 is in flight");
+    h.lbs.hold.insert(root);
+    // A GET on the old committed tree (root 2, evicted by leaf 0): waits on block 2.
+    send(&mut h, &[(2, KvldsRequest::Get { key: keys[5].clone() })]);
+    assert_eq!(h.lbs.held.len(), 1);
+    h.auto_sync = true;
+    h.settle(); // commit 1: no FREE, a read waits
+    assert!(h.responses.remove(&1).is_some());
+    // The client goes away; its read is forgotten, its load is not.
+    let conn = h.client.unwrap();
+    h.input(Input::Closed { conn, reason: kivaloo::contract::ConnClosed::PeerClosed });
+    h.settle();
+    h.connect();
+    h.responses.clear();
+    // Commit 2 rewrites leaf 1: oldest reachable block 3, FREE below 3.
+    h.call(&[KvldsRequest::Set { key: keys[5].clone(), value: k("new") }]);
+    assert!(!h.lbs.blocks.contains_key(&root), "the old root was freed");
+    // lbs answers the GET it held (FREE is advisory and may act at once).
+    let (id, block) = h.lbs.held.pop().unwrap();
+    let mut out = BytesMut::new();
+    LbsResponse::Get(h.lbs.blocks.get(&block).cloned()).encode(id, &mut out);
+    h.input(Input::Received { conn: ConnId::UPSTREAM, data: out.freeze() });
+    h.settle();
+    assert_eq!(h.exited, None, "kvlds exited over a page only a forgotten read wanted");
+}
+
+/// Found by review: lbs's next block is trusted; near 2^64 the commit numbering
+/// overflows and kvlds panics (debug: overflow; release: the round-trip
+/// parse of the commit fails and panics).
+#[test]
+fn review_finding_next_block_from_lbs_near_u64_max_does_not_panic() {
+    let mut h = Harness::new(512, KvldsConfig { check_invariants: true, ..Default::default() });
+    h.lbs.next_block = u64::MAX;
+    h.restart();
+    let why = h.exited.expect("kvlds refuses impossible block numbers");
+    assert!(why.contains("impossible block numbers"), "{why}");
+}
+
+/// Found by review: a child's page length in its parent's reference is trusted for
+/// merge decisions; a CRC-valid page whose reference understates a child
+/// makes a merge build a page larger than a block: panic in serialize.
+#[test]
+fn review_finding_child_ref_length_mismatch_is_corruption_not_a_panic() {
+    use kivaloo_nodes::kvlds::page::{serialize, ChildRef, Page, PageBody};
+    let v = Bytes::from(vec![b'x'; 94]);
+    let leaf = |block: u64, first: u32| Page {
+        block,
+        level: 0,
+        commit_blocks: 0,
+        body: PageBody::Leaf {
+            pairs: (first..first + 3).map(|i| (k(&format!("k{i:03}")), v.clone())).collect(),
+        },
+    };
+    let (l0, l1) = (leaf(0, 0), leaf(1, 3));
+    let root = Page {
+        block: 2,
+        level: 1,
+        commit_blocks: 3,
+        body: PageBody::Internal {
+            keys: vec![k("k003")],
+            children: vec![
+                l0.child_ref(),
+                ChildRef { block: 1, oldest_block: 1, page_len: 30 }, // really 324
+            ],
+        },
+    };
+    let mut h = Harness::new(512, KvldsConfig { check_invariants: false, ..Default::default() });
+    for p in [&l0, &l1, &root] {
+        h.lbs.blocks.insert(p.block, serialize(p, 512));
+    }
+    h.lbs.next_block = 3;
+    h.restart();
+    let conn = h.client.unwrap();
+    let mut buf = BytesMut::new();
+    KvldsRequest::Set { key: k("k000"), value: k("y") }.encode(1, &mut buf);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        h.input(Input::Received { conn, data: buf.freeze() });
+        h.settle();
+    }));
+    assert!(r.is_ok(), "kvlds panicked on a corrupt (CRC-valid) child reference");
+    let why = h.exited.expect("kvlds stops on the corrupt reference");
+    assert!(why.contains("block 1"), "{why}");
 }

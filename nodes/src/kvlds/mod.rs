@@ -23,7 +23,7 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 use kivaloo::contract::{ConnClosed, ConnId, ExitReason, Input, Instant, LogLevel, Node, Output};
 use kivaloo::kvlds_proto::{KvldsRequest, KvldsResponse};
-use kivaloo::lbs_proto::{LbsRequest, LbsRequestKind, LbsResponse};
+use kivaloo::lbs_proto::{LbsRequest, LbsRequestKind, LbsResponse, NO_LAST_BLOCK};
 use kivaloo::packet::PacketDecoder;
 
 use cache::PageCache;
@@ -49,9 +49,16 @@ pub const COMMIT_BYTES_MAX: usize = 16 << 20;
 /// most a quarter of the cache).
 pub const PREFETCH_PAGES_MAX: usize = 256;
 /// Queued modifying requests looked at for read-ahead each time.
-const PREFETCH_SCAN_MAX: usize = 128;
+const PREFETCH_SCAN_MAX: usize = 512;
 /// The longest kvlds request record: CAS with three 255-byte strings.
 const REQUEST_RECORD_LEN_MAX: usize = 4 + 3 * 256;
+/// Block sizes lbs may report (PROTOCOL.md: 512 to 131072 bytes).
+pub const BLOCK_SIZE_MIN: u32 = 512;
+/// See [`BLOCK_SIZE_MIN`].
+pub const BLOCK_SIZE_MAX: u32 = 131_072;
+/// Block numbers lbs reports must stay below this (2^62), so that no
+/// arithmetic on them can overflow.
+pub const BLOCK_NUMBER_MAX: u64 = 1 << 62;
 /// Default page cache size when neither `-C` nor `-c` is given.
 pub const CACHE_BYTES_DEFAULT: u64 = 128 << 20;
 
@@ -195,6 +202,9 @@ struct Load {
 /// The client connection.
 struct Client {
     conn: ConnId,
+    /// Byte budgets of the RANGEs in progress: answer bytes they may still
+    /// produce, counted against `UNSENT_BYTES_MAX` with what is unsent.
+    range_bytes_reserved: u64,
     /// Numbers connections, so answers for a closed one are dropped.
     generation: u64,
     decoder: PacketDecoder,
@@ -208,6 +218,11 @@ struct Client {
 struct ReadOp {
     generation: u64,
     req_id: u64,
+    /// The oldest block of the tree it reads (nothing below may be freed
+    /// while it runs).
+    snapshot_oldest_block: u64,
+    /// For a RANGE: the answer bytes reserved for it.
+    reserved_bytes: u64,
     kind: ReadKind,
 }
 
@@ -397,7 +412,8 @@ impl KvldsNode {
             // A read-ahead of the scan that arrived after the root was
             // found: reads and the batch may have joined it.
         }
-        let needed = !load.readers.is_empty() || load.batch;
+        // Readers of a client that left are gone from `reads`.
+        let needed = load.readers.iter().any(|id| self.reads.contains_key(id)) || load.batch;
         let Some(data) = data else {
             if needed {
                 return self.exit(format!("block {block} is part of the tree, but lbs does not have it"));
@@ -407,7 +423,13 @@ impl KvldsNode {
         };
         let page = match page::parse(data, block, self.block_size) {
             Ok(p) => Rc::new(p),
-            Err(e) => return self.exit(format!("block {block} is part of the tree but corrupt: {e}")),
+            Err(e) if needed => {
+                return self.exit(format!("block {block} is part of the tree but corrupt: {e}"))
+            }
+            Err(e) => {
+                return self
+                    .log(LogLevel::Warn, format!("block {block}, read ahead, is not a valid page: {e}"));
+            }
         };
         self.probes.page_reads += 1;
         self.cache.insert(page);
@@ -474,6 +496,14 @@ impl KvldsNode {
     }
 
     fn params_arrived(&mut self, block_size: u32, next_block: u64, last_block: u64) {
+        if !(BLOCK_SIZE_MIN..=BLOCK_SIZE_MAX).contains(&block_size) {
+            return self
+                .exit(format!("lbs block size {block_size} is outside {BLOCK_SIZE_MIN}..={BLOCK_SIZE_MAX}"));
+        }
+        if next_block >= BLOCK_NUMBER_MAX || (last_block != NO_LAST_BLOCK && last_block >= next_block) {
+            return self
+                .exit(format!("lbs reports impossible block numbers: next {next_block}, last {last_block}"));
+        }
         let block_size = block_size as usize;
         let (k, v) = match key_value_limits(block_size, self.config.key_len_max, self.config.value_len_max) {
             Ok(kv) => kv,
@@ -507,6 +537,7 @@ impl KvldsNode {
             generation: self.generations,
             decoder: PacketDecoder::with_record_len_max(REQUEST_RECORD_LEN_MAX),
             pending: 0,
+            range_bytes_reserved: 0,
             unsent_bytes: 0,
             reading: true,
             out: BytesMut::new(),
@@ -555,7 +586,8 @@ impl KvldsNode {
                 return;
             }
             let Some(c) = &mut self.client else { return };
-            if c.pending >= PENDING_REQUESTS_MAX || c.unsent_bytes >= UNSENT_BYTES_MAX {
+            let answer_bytes = c.unsent_bytes + c.out.len() as u64 + c.range_bytes_reserved;
+            if c.pending >= PENDING_REQUESTS_MAX || answer_bytes >= UNSENT_BYTES_MAX {
                 if c.reading {
                     c.reading = false;
                     self.outputs.push_back(Output::ReadInterest { conn: c.conn, enabled: false });
@@ -595,7 +627,12 @@ impl KvldsNode {
                 let Some(root) = self.committed.filter(|_| key.len() <= self.key_len_max) else {
                     return self.answer(generation, req_id, &KvldsResponse::Get(None));
                 };
-                self.start_read(generation, req_id, ReadKind::Get { key, descent: Descent::from_root(root) });
+                self.start_read(
+                    generation,
+                    req_id,
+                    root,
+                    ReadKind::Get { key, descent: Descent::from_root(root) },
+                );
             }
             KvldsRequest::Range { max_bytes, start, end } => {
                 // No tree, or start >= end: nothing, and every key below
@@ -611,6 +648,7 @@ impl KvldsNode {
                 self.start_read(
                     generation,
                     req_id,
+                    root,
                     ReadKind::Range(Box::new(RangeScan::new(root, start, end, budget))),
                 );
             }
@@ -651,10 +689,20 @@ impl KvldsNode {
 
     // ---- reads ----
 
-    fn start_read(&mut self, generation: u64, req_id: u64, kind: ReadKind) {
+    fn start_read(&mut self, generation: u64, req_id: u64, root: RootRef, kind: ReadKind) {
         let id = self.next_read;
         self.next_read += 1;
-        self.reads.insert(id, ReadOp { generation, req_id, kind });
+        let reserved_bytes = match &kind {
+            // Pairs, their count and `next`, with room for the one pair a
+            // RANGE returns whatever its budget.
+            ReadKind::Range(scan) => scan.budget_bytes() as u64 + 2 * 512 + 8,
+            ReadKind::Get { .. } => 0,
+        };
+        if let Some(c) = &mut self.client {
+            c.range_bytes_reserved += reserved_bytes;
+        }
+        let snapshot_oldest_block = root.child.oldest_block;
+        self.reads.insert(id, ReadOp { generation, req_id, snapshot_oldest_block, reserved_bytes, kind });
         self.continue_read(id);
     }
 
@@ -671,6 +719,9 @@ impl KvldsNode {
         match outcome {
             Ok(response) => {
                 let op = self.reads.remove(&id).expect("the read");
+                if let Some(c) = self.client.as_mut().filter(|c| c.generation == op.generation) {
+                    c.range_bytes_reserved -= op.reserved_bytes;
+                }
                 self.answer(op.generation, op.req_id, &response);
             }
             Err(Stall::NeedPage(block)) => {
@@ -765,8 +816,11 @@ impl KvldsNode {
             let bytes = page::serialize(p, self.block_size);
             // Pair assertion: what goes to lbs validates as the page it was
             // built from (compared in full when checking invariants).
-            let back = page::parse(bytes.clone(), p.block, self.block_size)
-                .unwrap_or_else(|e| panic!("serialized page {} does not validate: {e}", p.block));
+            let back = match page::parse(bytes.clone(), p.block, self.block_size) {
+                Ok(back) => back,
+                // Only corrupt pages read earlier can lead here.
+                Err(e) => return self.exit(format!("page {} of the commit does not validate: {e}", p.block)),
+            };
             if self.config.check_invariants {
                 assert_eq!(&back, p, "page {} does not round-trip", p.block);
             }
@@ -799,9 +853,8 @@ impl KvldsNode {
     fn prefetch(&mut self) {
         let Some(root) = self.committed else { return };
         let limit = PREFETCH_PAGES_MAX.min(self.cache.pages_max() / 4);
-        let mut looked = 0;
-        for i in 1..self.queue.len() {
-            if self.prefetches >= limit || looked >= PREFETCH_SCAN_MAX {
+        for i in 1..self.queue.len().min(1 + PREFETCH_SCAN_MAX) {
+            if self.prefetches >= limit {
                 break;
             }
             let w = &self.queue[i];
@@ -810,7 +863,6 @@ impl KvldsNode {
                 ReadAhead::Reading(block) if self.loads.contains_key(&block) => continue,
                 _ => {}
             }
-            looked += 1;
             let key = match &w.request {
                 KvldsRequest::Set { key, .. }
                 | KvldsRequest::Cas { key, .. }
@@ -849,7 +901,7 @@ impl KvldsNode {
             ));
         };
         let written_end = self.next_block + pages.len() as u64;
-        if next_block < written_end {
+        if next_block < written_end || next_block >= BLOCK_NUMBER_MAX {
             return self
                 .exit(format!("lbs says the next block is {next_block} after writing up to {written_end}"));
         }
@@ -869,12 +921,13 @@ impl KvldsNode {
         self.maybe_start_batch();
     }
 
-    /// Tells lbs it may delete blocks below the oldest page still reachable,
-    /// when no read in progress could still need an older one.
+    /// Tells lbs it may delete blocks below the oldest page still reachable
+    /// from the committed tree or from the tree any read in progress reads.
     fn maybe_free(&mut self) {
         let Some(root) = self.committed else { return };
-        let oldest = root.child.oldest_block;
-        if oldest > self.freed_below && self.reads.is_empty() {
+        let oldest =
+            self.reads.values().map(|r| r.snapshot_oldest_block).fold(root.child.oldest_block, u64::min);
+        if oldest > self.freed_below {
             self.freed_below = oldest;
             self.probes.frees += 1;
             self.upstream(LbsRequest::Free { keep_from: oldest }, UpRequest::Free);

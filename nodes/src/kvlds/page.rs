@@ -35,9 +35,10 @@ pub const CHILD_REF_LEN: usize = 20;
 const PAGE_MAGIC: [u8; 2] = *b"K1";
 /// Flag: this page is the root of a commit.
 const FLAG_ROOT: u8 = 1;
-/// Deeper trees than this are refused as corrupt (a 512-byte page holds at
-/// least two children, so 64 levels would be 2^64 leaves).
-pub const LEVEL_MAX: u8 = 64;
+/// Deeper trees than this are refused as corrupt: with internal pages of
+/// two children or more, 32 levels would be 2^32 leaves, more pages than
+/// any store holds.
+pub const LEVEL_MAX: u8 = 32;
 
 /// Where a parent finds a child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -80,6 +80,11 @@ impl RangeScan {
         }
     }
 
+    /// The most pair bytes it returns (one pair more, whatever its size).
+    pub fn budget_bytes(&self) -> usize {
+        self.budget_bytes
+    }
+
     fn before_end(&self, key: &[u8]) -> bool {
         self.end.is_empty() || key < self.end.as_ref()
     }

@@ -133,11 +133,16 @@ impl Scan {
                         return Some(root);
                     }
                     self.candidate = Some((root, lowest));
+                    return None;
                 }
+                // That root may head a complete commit of its own: look at
+                // it as a candidate below.
                 Ok(_) => self.reject(&root, block, "another commit's root inside it"),
-                Err(why) => self.reject(&root, block, &why),
+                Err(why) => {
+                    self.reject(&root, block, &why);
+                    return None;
+                }
             }
-            return None;
         }
         match verdict {
             // Numbers lbs skipped, or freed: nothing to see.

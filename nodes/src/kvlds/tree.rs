@@ -22,7 +22,7 @@ use kivaloo::kvlds_proto::KvldsRequest;
 
 use super::cache::PageCache;
 use super::page::{
-    internal_len, leaf_len, pair_len, ChildRef, Page, PageBody, CHILD_REF_LEN, LEVEL_MAX, PAGE_HEADER_LEN,
+    internal_len, leaf_len, pair_len, ChildRef, Page, PageBody, CHILD_REF_LEN, PAGE_HEADER_LEN,
 };
 
 /// Why an operation on the tree could not finish now.
@@ -160,6 +160,20 @@ impl DirtyTree {
     fn copy_in(&mut self, r: ChildRef, level: u8, cache: &mut PageCache) -> Result<usize, Stall> {
         let page = cache.get(r.block).ok_or(Stall::NeedPage(r.block))?;
         check_level(&page, level)?;
+        // Merges are decided on the lengths parents record: a page that
+        // disagrees with its parent must not be trusted.
+        if page.page_len() != r.page_len as usize || page.oldest_block() != r.oldest_block {
+            return Err(Stall::Corrupt {
+                block: r.block,
+                why: format!(
+                    "its parent records {} bytes and oldest block {}, the page has {} and {}",
+                    r.page_len,
+                    r.oldest_block,
+                    page.page_len(),
+                    page.oldest_block()
+                ),
+            });
+        }
         self.superseded.push(r.block);
         let body = match &page.body {
             PageBody::Leaf { pairs } => DirtyBody::Leaf(pairs.clone()),
@@ -339,7 +353,9 @@ impl DirtyTree {
                 return;
             }
             self.counts.root_splits += 1;
-            assert!(self.root_level < LEVEL_MAX, "tree deeper than {LEVEL_MAX} levels");
+            // Pages read claim at most LEVEL_MAX levels; growing from there
+            // to 64 would take 2^31 more pages than any store holds.
+            assert!(self.root_level < 64, "tree deeper than 64 levels");
             self.root_level += 1;
             let mut keys = Vec::with_capacity(extra.len());
             let mut children = vec![Child::Dirty(root)];
