@@ -600,3 +600,40 @@ fn review_finding_child_ref_length_mismatch_is_corruption_not_a_panic() {
     let why = h.exited.expect("kvlds stops on the corrupt reference");
     assert!(why.contains("block 1"), "{why}");
 }
+
+/// A block store that does not checksum (kivaloo's own lbs) may serve a
+/// torn or garbage tail: recovery passes over it to the newest complete
+/// commit, and refuses to start when no commit is complete.
+#[test]
+fn recovery_passes_over_a_garbage_tail_and_refuses_a_store_without_a_root() {
+    let config = KvldsConfig { cache_pages_max: Some(4), check_invariants: true, ..Default::default() };
+    let mut h = Harness::new(512, config);
+    let reqs: Vec<_> = (0..200u32)
+        .map(|i| KvldsRequest::Set {
+            key: Bytes::from(format!("key{i:04}")),
+            value: Bytes::from(format!("{i}")),
+        })
+        .collect();
+    h.call(&reqs);
+    let want = scan_all(&mut h, 1000);
+    assert_eq!(want.len(), 200);
+    // A torn commit: a valid-looking first page is missing, then garbage.
+    let next = h.lbs.next_block;
+    h.lbs.blocks.insert(next + 1, Bytes::from(vec![0x5a; 512]));
+    h.lbs.next_block = next + 2;
+    h.restart();
+    assert_eq!(h.exited, None);
+    assert_eq!(h.kvlds.probes().recoveries_skipped_tail, 1);
+    assert_eq!(scan_all(&mut h, 1000), want);
+    // New commits go after the garbage, and are found again.
+    h.call(&[KvldsRequest::Set { key: Bytes::from("zz"), value: Bytes::from("1") }]);
+    h.restart();
+    assert_eq!(scan_all(&mut h, 1000).len(), 201);
+    // Nothing but garbage: refuse rather than start empty.
+    let mut g = Harness::new(512, KvldsConfig::default());
+    g.lbs.blocks.insert(0, Bytes::from(vec![0x5a; 512]));
+    g.lbs.next_block = 1;
+    g.restart();
+    let why = g.exited.expect("kvlds refuses a store with blocks and no root");
+    assert!(why.contains("refusing to start"), "{why}");
+}
