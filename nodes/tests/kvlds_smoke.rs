@@ -637,3 +637,32 @@ fn recovery_passes_over_a_garbage_tail_and_refuses_a_store_without_a_root() {
     let why = g.exited.expect("kvlds refuses a store with blocks and no root");
     assert!(why.contains("refusing to start"), "{why}");
 }
+
+/// Not a test: the node's CPU cost for random GETs after a sequential
+/// bulk insert. `cargo test --release -p kivaloo-nodes --test kvlds_smoke
+/// -- --ignored --nocapture cpu_cost`.
+#[test]
+#[ignore]
+fn cpu_cost_of_random_gets() {
+    let n: u64 = std::env::var("KVLDS_CPU_PAIRS").ok().and_then(|s| s.parse().ok()).unwrap_or(200_000);
+    let mut h = Harness::new(2048, KvldsConfig { check_invariants: false, ..Default::default() });
+    let key = |i: u64| Bytes::from(format!("{i:040}"));
+    for start in (0..n).step_by(4096) {
+        let reqs: Vec<_> = (start..(start + 4096).min(n))
+            .map(|i| KvldsRequest::Set { key: key(i), value: Bytes::from(vec![b'v'; 40]) })
+            .collect();
+        h.call(&reqs);
+    }
+    let mut rng = Rng(99);
+    let started = std::time::Instant::now();
+    let mut done = 0;
+    while done < n {
+        let reqs: Vec<_> = (0..4096).map(|_| KvldsRequest::Get { key: key(rng.below(n)) }).collect();
+        for r in h.call(&reqs) {
+            assert!(matches!(r, KvldsResponse::Get(Some(_))));
+        }
+        done += 4096;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("{done} random GETs in {secs:.2} s = {:.0}/s; {:?}", done as f64 / secs, h.kvlds.probes());
+}
