@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Shows that the simulator's oracles are not vacuous: for each deliberate
-# bug below (the five of the simulator issue, and three a review of the
-# oracle found it missed at first), patch a copy of the tree, build the simulator, and sweep every
-# scenario with the seed budget `cargo test` runs (CI_SEEDS in
-# sim/tests/scenarios.rs). Each bug must be caught; the first failing seed
-# is printed. Usage: bash ci/mutants.sh [seeds]
+# bug below (lbs: the five of the simulator issue, and three a review of
+# the oracle found it missed at first; kvlds: the four of the kvlds issue
+# and more), patch a copy of the tree, build the simulator, and sweep the
+# scenarios of that component with the seed budget `cargo test` runs
+# (CI_SEEDS in sim/tests/scenarios.rs). Each bug must be caught; the first
+# failing seed is printed. Usage: bash ci/mutants.sh [seeds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -13,16 +14,21 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export CARGO_TARGET_DIR="$work/target"
 
-# name | file | exact text | replacement  (\n stands for a newline)
+# name | scenarios (file name prefix) | file | exact text | replacement
+# (\n stands for a newline)
 mutants=(
-  "ack-before-fsync|nodes/src/lbs/mod.rs|b.stage = if fsync { BatchStage::SyncFile } else { BatchStage::Done };|b.stage = BatchStage::Done;"
-  "no-dir-sync-after-create|nodes/src/lbs/mod.rs|(BatchStage::SyncFile, _) if b.new_file => b.stage = BatchStage::SyncDir,|(BatchStage::SyncFile, _) if false => b.stage = BatchStage::SyncDir,"
-  "no-checksum-on-read|nodes/src/lbs/mod.rs|if let Err(e) = layout::check_record(&record, self.cfg.block_size, block) {|if let Err(e) = Ok::<(), String>(()) {"
-  "recovery-keeps-torn-tail|nodes/src/lbs/startup.rs|let durable_end = self.recovery().durable_end;|let durable_end = first + (len - FILE_HEADER_LEN) / self.record_len; self.recovery().durable_end = durable_end;"
-  "retry-failed-fsync|nodes/src/lbs/mod.rs|            Ok(done) => done,\n            Err(e) => {|            Ok(done) => done,\n            Err(_) if b.stage == BatchStage::SyncFile => return self.issue_batch_op(),\n            Err(e) => {"
-  "ack-then-exit-on-failed-fsync|nodes/src/lbs/mod.rs|            Err(e) => {\n                return self.exit(format!(\n                    \"{verb} {blocks} failed|            Err(e) => {\n                if b.stage == BatchStage::SyncFile && b.conn.is_some() { for (req_id, next_block) in b.acks.clone() { self.send(&LbsResponse::Append(Some(next_block)), req_id); } self.flush_sends(); }\n                return self.exit(format!(\n                    \"{verb} {blocks} failed"
-  "recovery-drops-later-files|nodes/src/lbs/startup.rs|            if expected != Some(len) {\n                return self.exit(|            if expected != Some(len) {\n                self.recovery().files.truncate(idx + 1);\n                self.recovery().lens.truncate(idx + 1);\n                return self.on_header(idx, bytes);\n            }\n            if false {\n                return self.exit("
-  "get-serves-unsynced-blocks|nodes/src/lbs/mod.rs|block >= self.free_mark && block < self.durable_next &&|block >= self.free_mark && block < self.accepted_next &&"
+  "ack-before-fsync|lbs|nodes/src/lbs/mod.rs|b.stage = if fsync { BatchStage::SyncFile } else { BatchStage::Done };|b.stage = BatchStage::Done;"
+  "no-dir-sync-after-create|lbs|nodes/src/lbs/mod.rs|(BatchStage::SyncFile, _) if b.new_file => b.stage = BatchStage::SyncDir,|(BatchStage::SyncFile, _) if false => b.stage = BatchStage::SyncDir,"
+  "no-checksum-on-read|lbs|nodes/src/lbs/mod.rs|if let Err(e) = layout::check_record(&record, self.cfg.block_size, block) {|if let Err(e) = Ok::<(), String>(()) {"
+  "recovery-keeps-torn-tail|lbs|nodes/src/lbs/startup.rs|let durable_end = self.recovery().durable_end;|let durable_end = first + (len - FILE_HEADER_LEN) / self.record_len; self.recovery().durable_end = durable_end;"
+  "retry-failed-fsync|lbs|nodes/src/lbs/mod.rs|            Ok(done) => done,\n            Err(e) => {|            Ok(done) => done,\n            Err(_) if b.stage == BatchStage::SyncFile => return self.issue_batch_op(),\n            Err(e) => {"
+  "ack-then-exit-on-failed-fsync|lbs|nodes/src/lbs/mod.rs|            Err(e) => {\n                return self.exit(format!(\n                    \"{verb} {blocks} failed|            Err(e) => {\n                if b.stage == BatchStage::SyncFile && b.conn.is_some() { for (req_id, next_block) in b.acks.clone() { self.send(&LbsResponse::Append(Some(next_block)), req_id); } self.flush_sends(); }\n                return self.exit(format!(\n                    \"{verb} {blocks} failed"
+  "recovery-drops-later-files|lbs|nodes/src/lbs/startup.rs|            if expected != Some(len) {\n                return self.exit(|            if expected != Some(len) {\n                self.recovery().files.truncate(idx + 1);\n                self.recovery().lens.truncate(idx + 1);\n                return self.on_header(idx, bytes);\n            }\n            if false {\n                return self.exit("
+  "get-serves-unsynced-blocks|lbs|nodes/src/lbs/mod.rs|block >= self.free_mark && block < self.durable_next &&|block >= self.free_mark && block < self.accepted_next &&"
+  "kvlds-ack-before-append|kvlds|nodes/src/kvlds/mod.rs|        batch.writing = Some((pages, commit.root));|        for (generation, req_id, done) in std::mem::take(&mut batch.answers) { self.answer(generation, req_id, &KvldsResponse::Done(done)); }\n        batch.writing = Some((pages, commit.root));"
+  "kvlds-reads-see-uncommitted-tree|kvlds|nodes/src/kvlds/mod.rs|        batch.writing = Some((pages, commit.root));|        self.committed = Some(commit.root);\n        for p in &pages { self.cache.insert(p.clone()); }\n        batch.writing = Some((pages, commit.root));"
+  "kvlds-merge-drops-a-key|kvlds|nodes/src/kvlds/tree.rs|(DirtyBody::Leaf(l), DirtyBody::Leaf(r)) => l.extend(r),|(DirtyBody::Leaf(l), DirtyBody::Leaf(r)) => l.extend(r.into_iter().skip(1)),"
+  "kvlds-recovery-takes-older-root|kvlds|nodes/src/kvlds/recovery.rs|let start = (last_block != NO_LAST_BLOCK).then_some(last_block);|let start = (last_block != NO_LAST_BLOCK).then_some(last_block.saturating_sub(1));"
 )
 
 # The unmutated tree must pass the same sweep, or a false failure would make
@@ -33,9 +39,9 @@ if ! "$CARGO_TARGET_DIR/release/kivaloo-sim" sweep scenarios --seeds "$seeds" >"
 fi
 
 status=0
-printf '%-30s %s\n' "bug" "first failing seed (of $seeds per scenario)"
+printf '%-34s %s\n' "bug" "first failing seed (of $seeds per scenario)"
 for m in "${mutants[@]}"; do
-  IFS='|' read -r name file from to <<<"$m"
+  IFS='|' read -r name prefix file from to <<<"$m"
   rm -rf "$work/tree" && mkdir "$work/tree"
   git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$work/tree"
   python3 - "$work/tree/$file" "$from" "$to" <<'PY'
@@ -48,13 +54,14 @@ open(path, "w").write(text.replace(old, new))
 PY
   (cd "$work/tree" && cargo build --release -q -p kivaloo-sim 2>"$work/build.log") || {
     echo "$name: does not build"; cat "$work/build.log"; status=1; continue; }
-  out=$("$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/tree/scenarios" --seeds "$seeds" || true)
+  rm -rf "$work/scenarios" && mkdir "$work/scenarios" && cp "$work/tree/scenarios/$prefix"-*.toml "$work/scenarios/"
+  out=$("$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/scenarios" --seeds "$seeds" || true)
   first=$(echo "$out" | grep -m1 '^FAILED:' || true)
   if [ -z "$first" ]; then
-    printf '%-30s %s\n' "$name" "NOT CAUGHT"
+    printf '%-34s %s\n' "$name" "NOT CAUGHT"
     status=1
   else
-    printf '%-30s %s\n' "$name" "${first#FAILED: $work/tree/}"
+    printf '%-34s %s\n' "$name" "${first#FAILED: $work/}"
   fi
 done
 exit $status
