@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Shows that the simulator's oracles are not vacuous: for each deliberate
 # bug below (lbs: the five of the simulator issue, and three a review of
-# the oracle found it missed at first; kvlds: the four of the kvlds issue
-# and more), patch a copy of the tree, build the simulator, and sweep the
-# scenarios of that component with the seed budget `cargo test` runs
+# the oracle found it missed at first; kvlds: the four of the kvlds issue,
+# and two a review of its oracle found it missed at first), patch a copy
+# of the tree, build the simulator, and sweep the scenarios of that component with the seed budget `cargo test` runs
 # (CI_SEEDS in sim/tests/scenarios.rs). Each bug must be caught; the first
 # failing seed is printed. Usage: bash ci/mutants.sh [seeds]
 set -euo pipefail
@@ -28,6 +28,8 @@ mutants=(
   "kvlds-ack-before-append|kvlds|nodes/src/kvlds/mod.rs|        batch.writing = Some((pages, commit.root));|        for (generation, req_id, done) in std::mem::take(&mut batch.answers) { self.answer(generation, req_id, &KvldsResponse::Done(done)); }\n        batch.writing = Some((pages, commit.root));"
   "kvlds-reads-see-uncommitted-tree|kvlds|nodes/src/kvlds/mod.rs|        batch.writing = Some((pages, commit.root));|        self.committed = Some(commit.root);\n        for p in &pages { self.cache.insert(p.clone()); }\n        batch.writing = Some((pages, commit.root));"
   "kvlds-merge-drops-a-key|kvlds|nodes/src/kvlds/tree.rs|(DirtyBody::Leaf(l), DirtyBody::Leaf(r)) => l.extend(r),|(DirtyBody::Leaf(l), DirtyBody::Leaf(r)) => l.extend(r.into_iter().skip(1)),"
+  "kvlds-drops-some-get-answers|kvlds|nodes/src/kvlds/mod.rs|                }\n                self.answer(op.generation, op.req_id, &response);|                }\n                if !(matches!(response, KvldsResponse::Get(_)) && op.req_id % 5 == 4) { self.answer(op.generation, op.req_id, &response); }"
+  "kvlds-cache-ignores-its-bound|kvlds|nodes/src/kvlds/mod.rs|self.cache = PageCache::new(pages.clamp(1, usize::MAX as u64) as usize);|self.cache = PageCache::new(pages.clamp(1, usize::MAX as u64) as usize * 1000);"
   "kvlds-recovery-takes-older-root|kvlds|nodes/src/kvlds/recovery.rs|let start = (last_block != NO_LAST_BLOCK).then_some(last_block);|let start = (last_block != NO_LAST_BLOCK).then_some(last_block.saturating_sub(1));"
 )
 

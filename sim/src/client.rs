@@ -69,6 +69,23 @@ impl Client {
         }
     }
 
+    /// Every component was crashed at `now_ns` (see
+    /// `KvldsClient::effects_end_now`).
+    pub fn effects_end_now(&mut self, now_ns: u64) {
+        if let Client::Kvlds(c) = self {
+            c.effects_end_now(now_ns);
+        }
+    }
+
+    /// When the oldest request still waiting for its answer was sent (kvlds
+    /// workloads).
+    pub fn oldest_pending_ns(&self) -> Option<u64> {
+        match self {
+            Client::Lbs(_) => None,
+            Client::Kvlds(c) => c.oldest_pending_ns(),
+        }
+    }
+
     /// The final read-back is complete.
     pub fn verified(&self) -> bool {
         match self {

@@ -37,6 +37,10 @@ pub const RUN_LIMIT_NS: u64 = 3600 * SEC;
 /// (faults keep the store down, or it hangs) ends the workload: the quiet
 /// phase follows, where liveness is required.
 pub const STALL_LIMIT_NS: u64 = 120 * SEC;
+/// How long a request may wait for its answer while its connection stays
+/// up (a crash or reset ends the connection and makes it indeterminate):
+/// far more than any commit, disk or network delay a scenario draws.
+pub const ANSWER_LIMIT_NS: u64 = 30 * SEC;
 /// A node whose upstream closed must exit within this much virtual time.
 pub const UPSTREAM_EXIT_LIMIT_NS: u64 = SEC;
 
@@ -163,6 +167,8 @@ pub struct World {
     corruption_reported: bool,
     /// When the disk was first damaged (virtual ns).
     first_damage_ns: Option<u64>,
+    /// kvlds's configured cache bound in pages (`-C`), 0 without kvlds.
+    kvlds_cache_pages: u64,
     /// Disk errors lbs got over the whole run.
     lbs_disk_errors: u64,
     crashes: u64,
@@ -183,6 +189,7 @@ impl World {
     /// A world for `scenario` and `seed`.
     pub fn new(scenario: &Scenario, seed: u64, keep_trace: bool) -> World {
         let drawn = scenario.draw(seed);
+        let kvlds_cache_pages = drawn.kvlds.as_ref().map_or(0, |k| k.cache_pages);
         let mut work_rng = Stream::new(seed, Concern::Workload);
         let rec = kivaloo_nodes::lbs::layout::record_len(drawn.block_size);
         let lbs_cfg = LbsConfig {
@@ -252,6 +259,7 @@ impl World {
             ended_by_damage: false,
             corruption_reported: false,
             first_damage_ns: None,
+            kvlds_cache_pages,
             lbs_disk_errors: 0,
             crashes: 0,
             power_losses: 0,
@@ -339,6 +347,18 @@ impl World {
                     self.begin_quiet_phase("faults stop; restart and read everything back");
                 } else if self.corruption_reported {
                     self.begin_quiet_phase("the store reported damage; faults stop; restart and read back");
+                } else if let Some(sent) = self
+                    .client
+                    .oldest_pending_ns()
+                    .filter(|&sent| self.now().saturating_sub(sent) > ANSWER_LIMIT_NS)
+                {
+                    let state = self.describe_state();
+                    self.fail(format!(
+                        "liveness: a request sent at {sent} ns has had no answer for {} s while its \
+                         connection and kvlds stayed up: {state}",
+                        ANSWER_LIMIT_NS / SEC
+                    ));
+                    break;
                 } else if self.now().saturating_sub(self.last_progress_ns) > STALL_LIMIT_NS {
                     self.probe("sim: workload stalled");
                     self.begin_quiet_phase("no response for a long time; faults stop");
@@ -448,6 +468,8 @@ impl World {
             let power = self.procs[p].disk.is_some();
             self.crash(p, power);
         }
+        let now = self.now();
+        self.client.effects_end_now(now);
         self.client.start_verify();
     }
 
@@ -943,8 +965,15 @@ impl World {
         }
         self.arm_timer(p);
         if let Some((pages, max)) = self.procs[p].cache_pages() {
-            if pages > max {
-                self.fail(format!("kvlds's cache holds {pages} pages, over its bound of {max}"));
+            // The node's own bound must be the one configured (0 until it
+            // knows its block size), and hold.
+            let configured = self.kvlds_cache_pages.max(1) as usize;
+            if max != 0 && max != configured {
+                self.fail(format!(
+                    "kvlds's cache bound is {max} pages, but it was configured with {configured}"
+                ));
+            } else if pages > configured {
+                self.fail(format!("kvlds's cache holds {pages} pages, over its bound of {configured}"));
             }
         }
     }
