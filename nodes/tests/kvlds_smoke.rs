@@ -425,32 +425,6 @@ fn bulk_insert_then_delete_grows_and_shrinks_the_tree() {
     assert!(scan_all(&mut h, 100).is_empty());
 }
 
-/// Not a test: the node's own CPU cost for random inserts, without lbs or
-/// sockets. `cargo test --release -p kivaloo-nodes --test kvlds_smoke
-/// -- --ignored --nocapture cpu_cost`.
-#[test]
-#[ignore]
-fn cpu_cost_of_random_inserts() {
-    let n: u64 = std::env::var("KVLDS_CPU_PAIRS").ok().and_then(|s| s.parse().ok()).unwrap_or(200_000);
-    let mut h = Harness::new(2048, KvldsConfig { check_invariants: false, ..Default::default() });
-    let mut rng = Rng(12345);
-    let started = std::time::Instant::now();
-    let mut done = 0;
-    while done < n {
-        let reqs: Vec<_> = (0..4096)
-            .map(|_| KvldsRequest::Set {
-                key: Bytes::from(format!("{:040}", rng.next())),
-                value: Bytes::from(vec![b'v'; 40]),
-            })
-            .collect();
-        h.call(&reqs);
-        done += 4096;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!("{done} random inserts in {secs:.2} s = {:.0}/s; {:?}", done as f64 / secs, h.kvlds.probes());
-    println!("blocks written: {}", h.lbs.next_block);
-}
-
 // Regression tests from a review of the node (each failed before its fix).
 
 fn send(h: &mut Harness, reqs: &[(u64, KvldsRequest)]) {
@@ -636,33 +610,4 @@ fn recovery_passes_over_a_garbage_tail_and_refuses_a_store_without_a_root() {
     g.restart();
     let why = g.exited.expect("kvlds refuses a store with blocks and no root");
     assert!(why.contains("refusing to start"), "{why}");
-}
-
-/// Not a test: the node's CPU cost for random GETs after a sequential
-/// bulk insert. `cargo test --release -p kivaloo-nodes --test kvlds_smoke
-/// -- --ignored --nocapture cpu_cost`.
-#[test]
-#[ignore]
-fn cpu_cost_of_random_gets() {
-    let n: u64 = std::env::var("KVLDS_CPU_PAIRS").ok().and_then(|s| s.parse().ok()).unwrap_or(200_000);
-    let mut h = Harness::new(2048, KvldsConfig { check_invariants: false, ..Default::default() });
-    let key = |i: u64| Bytes::from(format!("{i:040}"));
-    for start in (0..n).step_by(4096) {
-        let reqs: Vec<_> = (start..(start + 4096).min(n))
-            .map(|i| KvldsRequest::Set { key: key(i), value: Bytes::from(vec![b'v'; 40]) })
-            .collect();
-        h.call(&reqs);
-    }
-    let mut rng = Rng(99);
-    let started = std::time::Instant::now();
-    let mut done = 0;
-    while done < n {
-        let reqs: Vec<_> = (0..4096).map(|_| KvldsRequest::Get { key: key(rng.below(n)) }).collect();
-        for r in h.call(&reqs) {
-            assert!(matches!(r, KvldsResponse::Get(Some(_))));
-        }
-        done += 4096;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!("{done} random GETs in {secs:.2} s = {:.0}/s; {:?}", done as f64 / secs, h.kvlds.probes());
 }
