@@ -863,15 +863,7 @@ impl KvldsNode {
                 ReadAhead::Reading(block) if self.loads.contains_key(&block) => continue,
                 _ => {}
             }
-            let key = match &w.request {
-                KvldsRequest::Set { key, .. }
-                | KvldsRequest::Cas { key, .. }
-                | KvldsRequest::Add { key, .. }
-                | KvldsRequest::Modify { key, .. }
-                | KvldsRequest::Delete { key }
-                | KvldsRequest::Cad { key, .. } => key.clone(),
-                _ => continue,
-            };
+            let Some(key) = tree::modified_key(&w.request).cloned() else { continue };
             let mut d = Descent::from_root(root);
             let state = match read::get(&mut self.cache, &mut d, &key) {
                 Err(Stall::NeedPage(block)) => {

@@ -236,15 +236,7 @@ impl DirtyTree {
     /// # Panics
     /// On a request that does not modify (the caller's error).
     pub fn apply(&mut self, req: &KvldsRequest, cache: &mut PageCache) -> Result<bool, Stall> {
-        let key = match req {
-            KvldsRequest::Set { key, .. }
-            | KvldsRequest::Cas { key, .. }
-            | KvldsRequest::Add { key, .. }
-            | KvldsRequest::Modify { key, .. }
-            | KvldsRequest::Delete { key }
-            | KvldsRequest::Cad { key, .. } => key,
-            other => panic!("not a modifying request: {other:?}"),
-        };
+        let key = modified_key(req).unwrap_or_else(|| panic!("not a modifying request: {req:?}"));
         let leaf = self.leaf_for(key, cache)?;
         let DirtyBody::Leaf(pairs) = &mut self.nodes[leaf].as_mut().expect("live dirty node").body else {
             unreachable!("leaf_for ends at a leaf")
@@ -623,6 +615,19 @@ impl DirtyTree {
         let r = page.child_ref();
         pages.push(page);
         r
+    }
+}
+
+/// The key a modifying request changes; `None` for other requests.
+pub fn modified_key(req: &KvldsRequest) -> Option<&Bytes> {
+    match req {
+        KvldsRequest::Set { key, .. }
+        | KvldsRequest::Cas { key, .. }
+        | KvldsRequest::Add { key, .. }
+        | KvldsRequest::Modify { key, .. }
+        | KvldsRequest::Delete { key }
+        | KvldsRequest::Cad { key, .. } => Some(key),
+        _ => None,
     }
 }
 
