@@ -35,6 +35,10 @@ pub mod request_type {
 /// The longest key or value the encoding can carry (one length byte).
 pub const SHORT_STRING_LEN_MAX: usize = 255;
 
+/// The longest kvlds request record: CAS, with its type and three
+/// 255-byte strings. A server can frame requests with this bound.
+pub const REQUEST_RECORD_LEN_MAX: usize = 4 + 3 * (1 + SHORT_STRING_LEN_MAX);
+
 /// The kind of a kvlds request, which is what a requester needs to know to
 /// decode the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -149,6 +153,31 @@ impl KvldsRequest {
     /// [`KvldsRequestKind::is_modifying`]).
     pub fn is_modifying(&self) -> bool {
         self.kind().is_modifying()
+    }
+
+    /// Why this request is over a store's limits (a key longer than
+    /// `key_len_max` or a value longer than `value_len_max`), if it is a
+    /// modifying request and is. kvlds drops a connection that sends one;
+    /// reads are never over the limits (a GET of a longer key finds
+    /// nothing).
+    pub fn over_limits(&self, key_len_max: usize, value_len_max: usize) -> Option<String> {
+        let (key, values): (&Bytes, [Option<&Bytes>; 2]) = match self {
+            KvldsRequest::Set { key, value }
+            | KvldsRequest::Add { key, value }
+            | KvldsRequest::Modify { key, value } => (key, [Some(value), None]),
+            KvldsRequest::Cas { key, old_value, new_value } => (key, [Some(old_value), Some(new_value)]),
+            KvldsRequest::Cad { key, old_value } => (key, [Some(old_value), None]),
+            KvldsRequest::Delete { key } => (key, [None, None]),
+            KvldsRequest::Params | KvldsRequest::Get { .. } | KvldsRequest::Range { .. } => return None,
+        };
+        if key.len() > key_len_max {
+            return Some(format!("key of {} bytes is over the limit of {key_len_max}", key.len()));
+        }
+        values
+            .into_iter()
+            .flatten()
+            .find(|v| v.len() > value_len_max)
+            .map(|v| format!("value of {} bytes is over the limit of {value_len_max}", v.len()))
     }
 
     /// Decodes a request record. Keys and values are slices of `record`.

@@ -5,3 +5,4 @@
 
 pub mod kvlds;
 pub mod lbs;
+pub mod mux;

@@ -22,7 +22,7 @@ use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 use kivaloo::contract::{ConnClosed, ConnId, ExitReason, Input, Instant, LogLevel, Node, Output};
-use kivaloo::kvlds_proto::{KvldsRequest, KvldsResponse};
+use kivaloo::kvlds_proto::{KvldsRequest, KvldsResponse, REQUEST_RECORD_LEN_MAX};
 use kivaloo::lbs_proto::{LbsRequest, LbsRequestKind, LbsResponse, NO_LAST_BLOCK};
 use kivaloo::packet::PacketDecoder;
 
@@ -50,8 +50,6 @@ pub const COMMIT_BYTES_MAX: usize = 16 << 20;
 pub const PREFETCH_PAGES_MAX: usize = 256;
 /// Queued modifying requests looked at for read-ahead each time.
 const PREFETCH_SCAN_MAX: usize = 512;
-/// The longest kvlds request record: CAS with three 255-byte strings.
-const REQUEST_RECORD_LEN_MAX: usize = 4 + 3 * 256;
 /// Block sizes lbs may report (PROTOCOL.md: 512 to 131072 bytes).
 pub const BLOCK_SIZE_MIN: u32 = 512;
 /// See [`BLOCK_SIZE_MIN`].
@@ -653,7 +651,7 @@ impl KvldsNode {
                 );
             }
             write => {
-                if let Some(why) = self.over_limits(&write) {
+                if let Some(why) = write.over_limits(self.key_len_max, self.value_len_max) {
                     return self.drop_client(format!("request {req_id:#x}: {why}"));
                 }
                 self.queue.push_back(QueuedWrite {
@@ -666,25 +664,6 @@ impl KvldsNode {
                 self.maybe_start_batch();
             }
         }
-    }
-
-    fn over_limits(&self, request: &KvldsRequest) -> Option<String> {
-        let (key, values): (&Bytes, Vec<&Bytes>) = match request {
-            KvldsRequest::Set { key, value }
-            | KvldsRequest::Add { key, value }
-            | KvldsRequest::Modify { key, value } => (key, vec![value]),
-            KvldsRequest::Cas { key, old_value, new_value } => (key, vec![old_value, new_value]),
-            KvldsRequest::Cad { key, old_value } => (key, vec![old_value]),
-            KvldsRequest::Delete { key } => (key, vec![]),
-            _ => return None,
-        };
-        if key.len() > self.key_len_max {
-            return Some(format!("key of {} bytes is over the limit of {}", key.len(), self.key_len_max));
-        }
-        values
-            .iter()
-            .find(|v| v.len() > self.value_len_max)
-            .map(|v| format!("value of {} bytes is over the limit of {}", v.len(), self.value_len_max))
     }
 
     // ---- reads ----
