@@ -52,12 +52,28 @@ impl std::fmt::Display for SocketAddr {
     }
 }
 
-/// A bound listener of either kind.
-#[derive(Debug)]
+/// A bound listener: a unix or TCP socket, or an in-process one whose
+/// connections are byte streams handed over by the process itself (the
+/// all-in-one server joins its nodes so).
 pub enum Listener {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
+    Memory(tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Box<dyn Stream>>>, String),
 }
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listener::Unix(_, path) => write!(f, "Listener::Unix({})", path.display()),
+            Listener::Tcp(l) => write!(f, "Listener::Tcp({:?})", l.local_addr()),
+            Listener::Memory(_, name) => write!(f, "Listener::Memory({name})"),
+        }
+    }
+}
+
+/// The other end of an in-process [`Listener::Memory`]: each stream sent
+/// is accepted as a connection.
+pub type MemoryConnector = tokio::sync::mpsc::Sender<Box<dyn Stream>>;
 
 /// A connected byte stream of either kind.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -100,6 +116,13 @@ impl Listener {
         }
     }
 
+    /// An in-process listener named `name` (for logs) and the sender that
+    /// hands it connections; up to `backlog` wait to be accepted.
+    pub fn memory(name: &str, backlog: usize) -> (Listener, MemoryConnector) {
+        let (tx, rx) = tokio::sync::mpsc::channel(backlog.max(1));
+        (Listener::Memory(tokio::sync::Mutex::new(rx), name.to_string()), tx)
+    }
+
     /// Accepts one connection; returns the stream and a description of the
     /// peer for logs.
     ///
@@ -116,6 +139,10 @@ impl Listener {
                 s.set_nodelay(true)?;
                 Ok((Box::new(s), format!("tcp:{peer}")))
             }
+            Listener::Memory(rx, name) => match rx.lock().await.recv().await {
+                Some(s) => Ok((s, format!("in-process:{name}"))),
+                None => std::future::pending().await,
+            },
         }
     }
 }

@@ -75,7 +75,7 @@ fn conn_label(conn: ConnId) -> String {
 /// the node's first input; if it ends, the node gets [`Input::Closed`] for
 /// [`ConnId::UPSTREAM`] and is expected to exit. The upstream never counts
 /// as a client connection (for `-1`).
-pub async fn run_node<N: Node>(mut node: N, listener: Listener, mut opts: RunOptions) -> ExitReason {
+pub async fn run_node<N: Node>(mut node: N, listeners: Vec<Listener>, mut opts: RunOptions) -> ExitReason {
     let name = opts.name;
     let clock_origin = std::time::Instant::now();
     let now = move || Instant::from_nanos(clock_origin.elapsed().as_nanos() as u64);
@@ -150,7 +150,14 @@ pub async fn run_node<N: Node>(mut node: N, listener: Listener, mut opts: RunOpt
         let wake_at = node
             .poll_timeout()
             .map(|t| tokio::time::Instant::from_std(clock_origin + std::time::Duration::from_nanos(t.nanos)));
-        let accept_now = accepting && !(opts.exit_after_one_connection && served_a_connection);
+        let accept_now =
+            accepting && !listeners.is_empty() && !(opts.exit_after_one_connection && served_a_connection);
+        // One accept on every listener; the first to complete wins (the
+        // others are cancelled, which tokio's accept allows).
+        let accept_any = async {
+            let accepts = listeners.iter().map(|l| Box::pin(l.accept()));
+            futures::future::select_all(accepts).await.0
+        };
         tokio::select! {
             Some((id, result)) = disk_rx.recv() => {
                 node.handle_input(now(), Input::Disk { id, result });
@@ -185,7 +192,7 @@ pub async fn run_node<N: Node>(mut node: N, listener: Listener, mut opts: RunOpt
                     }
                 }
             },
-            accepted = listener.accept(), if accept_now => match accepted {
+            accepted = accept_any, if accept_now => match accepted {
                 Ok((stream, peer)) => {
                     let conn = ConnId(next_conn_id);
                     next_conn_id += 1;
@@ -332,7 +339,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async move {
-                let node = tokio::task::spawn_local(run_node(Relay::default(), listener, opts));
+                let node = tokio::task::spawn_local(run_node(Relay::default(), vec![listener], opts));
                 assert_eq!(read_exactly(&mut upstream, 5).await, b"hello");
                 let mut client = tokio::net::UnixStream::connect(&sock).await.unwrap();
                 client.write_all(b"ping").await.unwrap();
@@ -358,7 +365,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async move {
-                let node = tokio::task::spawn_local(run_node(Relay::default(), listener, opts));
+                let node = tokio::task::spawn_local(run_node(Relay::default(), vec![listener], opts));
                 assert_eq!(read_exactly(&mut upstream, 5).await, b"hello");
                 let mut client = tokio::net::UnixStream::connect(&sock).await.unwrap();
                 client.write_all(b"x").await.unwrap();

@@ -140,7 +140,7 @@ fn main() {
                 signal_ready(role);
             })),
         };
-        run_node(KvldsNode::new(cfg), listener, opts).await
+        run_node(KvldsNode::new(cfg), vec![listener], opts).await
     });
     // A node that stopped before it was ready never wrote the pidfile; a
     // file at that path belongs to someone else.

@@ -110,7 +110,7 @@ fn main() {
                 signal_ready(role);
             })),
         };
-        run_node(LbsNode::new(cfg), listener, opts).await
+        run_node(LbsNode::new(cfg), vec![listener], opts).await
     });
     let _ = std::fs::remove_file(&pidfile);
     if exit.failure {
