@@ -2,7 +2,8 @@
 # Shows that the simulator's oracles are not vacuous: for each deliberate
 # bug below (lbs: the five of the simulator issue, and three a review of
 # the oracle found it missed at first; kvlds: the four of the kvlds issue,
-# and two a review of its oracle found it missed at first), patch a copy
+# and two a review of its oracle found it missed at first; mux: three of
+# routing, against the full-stack scenarios), patch a copy
 # of the tree, build the simulator, and sweep the scenarios of that component with the seed budget `cargo test` runs
 # (CI_SEEDS in sim/tests/scenarios.rs). Each bug must be caught; the first
 # failing seed is printed. Usage: bash ci/mutants.sh [seeds]
@@ -30,6 +31,9 @@ mutants=(
   "kvlds-merge-drops-a-key|kvlds|nodes/src/kvlds/tree.rs|(DirtyBody::Leaf(l), DirtyBody::Leaf(r)) => l.extend(r),|(DirtyBody::Leaf(l), DirtyBody::Leaf(r)) => l.extend(r.into_iter().skip(1)),"
   "kvlds-drops-some-get-answers|kvlds|nodes/src/kvlds/mod.rs|                }\n                self.answer(op.generation, op.req_id, &response);|                }\n                if !(matches!(response, KvldsResponse::Get(_)) && op.req_id % 5 == 4) { self.answer(op.generation, op.req_id, &response); }"
   "kvlds-cache-ignores-its-bound|kvlds|nodes/src/kvlds/mod.rs|self.cache = PageCache::new(pages.clamp(1, usize::MAX as u64) as usize);|self.cache = PageCache::new(pages.clamp(1, usize::MAX as u64) as usize * 1000);"
+  "mux-no-id-rewrite|full|nodes/src/mux.rs|let up_id = self.next_upstream_id;|let up_id = packet.id;"
+  "mux-misroutes-a-departed-clients-answers|full|nodes/src/mux.rs|            let Some(c) = self.clients.get_mut(&route.conn) else {\n                self.probes.responses_dropped += 1;\n                continue;\n            };|            let route = if self.clients.contains_key(&route.conn) { route } else { match self.clients.keys().next() { Some(other) => Route { conn: *other, id: route.id }, None => continue } };\n            let Some(c) = self.clients.get_mut(&route.conn) else { continue };"
+  "mux-answers-with-the-upstream-id|full|nodes/src/mux.rs|encode_packet(&mut c.out, route.id, &packet.record);|encode_packet(&mut c.out, packet.id, &packet.record);"
   "kvlds-recovery-takes-older-root|kvlds|nodes/src/kvlds/recovery.rs|let start = (last_block != NO_LAST_BLOCK).then_some(last_block);|let start = (last_block != NO_LAST_BLOCK).then_some(last_block.saturating_sub(1));"
 )
 

@@ -6,6 +6,7 @@
 //! Nothing in this crate performs I/O, reads a clock, or uses ambient
 //! randomness (checked by `ci/check-sans-io.sh`).
 
+pub mod client;
 pub mod contract;
 pub mod crc;
 pub mod fields;

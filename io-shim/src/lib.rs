@@ -3,9 +3,11 @@
 //! on it. See `DESIGN.md` in this crate for one line per module.
 
 pub mod addr;
+pub mod client;
 pub mod conn;
 pub mod daemon;
 pub mod dir_lock;
 pub mod disk;
 pub mod humansize;
 pub mod runtime;
+pub mod serve;

@@ -1,6 +1,7 @@
-//! The run's workload client behind one interface: the lbs client (blocks)
-//! or the kvlds client (keys), each with its own oracle. The world
-//! connects it, feeds it responses, and tells it when its connection
+//! The run's workload clients behind one interface: the lbs client (blocks;
+//! one client) or the kvlds clients (keys; one or more, each in a slot
+//! with one connection at a time), each with its own oracle. The world
+//! connects them, feeds them responses, and tells them when a connection
 //! broke.
 
 use bytes::BytesMut;
@@ -17,39 +18,90 @@ pub enum Client {
 }
 
 impl Client {
-    /// A new connection is open: send what starts it into `out`.
-    pub fn on_connected(&mut self, out: &mut BytesMut) {
+    /// How many clients (slots) there are.
+    pub fn clients(&self) -> usize {
+        match self {
+            Client::Lbs(_) => 1,
+            Client::Kvlds(c) => c.clients(),
+        }
+    }
+
+    /// Client `slot` has a new connection: send what starts it into `out`.
+    pub fn on_connected(&mut self, slot: usize, out: &mut BytesMut) {
         match self {
             Client::Lbs(c) => c.on_connected(out),
-            Client::Kvlds(c) => c.on_connected(),
+            Client::Kvlds(c) => c.on_connected(slot),
         }
     }
 
-    /// The connection broke: what was pending is indeterminate.
-    pub fn on_disconnected(&mut self) {
+    /// Client `slot`'s connection broke: what was pending is indeterminate.
+    pub fn on_disconnected(&mut self, slot: usize) {
         match self {
             Client::Lbs(c) => c.on_disconnected(),
-            Client::Kvlds(c) => c.on_disconnected(),
+            Client::Kvlds(c) => c.on_disconnected(slot),
         }
     }
 
-    /// Issues what the workload wants now into `out`.
-    pub fn issue(&mut self, rng: &mut Stream, now_ns: u64, out: &mut BytesMut) {
+    /// Issues what client `slot` wants to send now into `out`.
+    pub fn issue(&mut self, slot: usize, rng: &mut Stream, now_ns: u64, out: &mut BytesMut) {
         match self {
             Client::Lbs(c) => c.issue(rng, out),
-            Client::Kvlds(c) => c.issue(rng, now_ns, out),
+            Client::Kvlds(c) => c.issue(slot, rng, now_ns, out),
         }
     }
 
-    /// Checks a response; `tainted` if the node emitted it after one of
-    /// its fsyncs failed.
+    /// Checks a response to client `slot`; `tainted` if the node emitted it
+    /// after one of its fsyncs failed.
     ///
     /// # Errors
     /// What the oracle caught.
-    pub fn on_packet(&mut self, packet: Packet, tainted: bool, now_ns: u64) -> Result<(), String> {
+    pub fn on_packet(
+        &mut self,
+        slot: usize,
+        packet: Packet,
+        tainted: bool,
+        now_ns: u64,
+    ) -> Result<(), String> {
         match self {
             Client::Lbs(c) => c.on_packet(packet, tainted),
-            Client::Kvlds(c) => c.on_packet(packet, now_ns),
+            Client::Kvlds(c) => c.on_packet(slot, packet, now_ns),
+        }
+    }
+
+    /// Faults stopped: starts the liveness phase, if this workload has one
+    /// (kvlds: every client is served a fresh request and has nothing left
+    /// pending). False if it has none (lbs).
+    pub fn start_liveness(&mut self) -> bool {
+        match self {
+            Client::Lbs(_) => false,
+            Client::Kvlds(c) => {
+                c.start_liveness();
+                true
+            }
+        }
+    }
+
+    /// Whether the liveness phase is complete.
+    pub fn liveness_done(&self) -> bool {
+        match self {
+            Client::Lbs(_) => true,
+            Client::Kvlds(c) => c.liveness_done(),
+        }
+    }
+
+    /// Whether client `slot` is through the liveness phase.
+    pub fn liveness_done_for(&self, slot: usize) -> bool {
+        match self {
+            Client::Lbs(_) => true,
+            Client::Kvlds(c) => c.liveness_done_for(slot),
+        }
+    }
+
+    /// What keeps the liveness phase from ending, readable.
+    pub fn liveness_state(&self) -> String {
+        match self {
+            Client::Lbs(_) => String::new(),
+            Client::Kvlds(c) => c.liveness_state(),
         }
     }
 
@@ -126,11 +178,11 @@ impl Client {
         }
     }
 
-    /// A pending request, readable.
-    pub fn describe_request(&self, id: u64) -> String {
+    /// Client `slot`'s pending request `id`, readable.
+    pub fn describe_request(&self, slot: usize, id: u64) -> String {
         match self {
             Client::Lbs(_) => format!("request {id:#x}"),
-            Client::Kvlds(c) => c.describe_request(id),
+            Client::Kvlds(c) => c.describe_request(slot, id),
         }
     }
 

@@ -1,11 +1,18 @@
-//! The kvlds client and its oracle. The client pipelines random requests
-//! (SET, CAS, ADD, MODIFY, DELETE, CAD, GET, RANGE, now and then PARAMS)
-//! over a small key space drawn per seed, in phases that grow the tree,
-//! shrink it (deletes: merges, deroots) or mix, reconnecting after every
-//! crash or reset. Every request is recorded with its virtual invocation
-//! and completion times, its connection and its place in that
-//! connection's order; a request whose connection broke before its
-//! response is indeterminate (it may or may not have taken effect).
+//! The kvlds clients and their oracle. One or more clients (each one
+//! connection at a time, numbered by the world's slots; several only
+//! through a mux) pipeline random requests (SET, CAS, ADD, MODIFY, DELETE,
+//! CAD, GET, RANGE, now and then PARAMS) over one small key space drawn per
+//! seed, in phases that grow the tree, shrink it (deletes: merges,
+//! deroots) or mix, reconnecting after every crash or reset. Each client
+//! picks its own request IDs from 1, so that IDs repeat across
+//! connections (a mux must tell them apart). Every request is recorded in
+//! one history with its virtual invocation and completion times, its
+//! connection and its place in that connection's order; a request whose
+//! connection broke before its response is indeterminate (it may or may
+//! not have taken effect).
+//!
+//! After faults stop, a liveness phase: every client (re)connects and has
+//! one fresh GET answered, and nothing stays pending.
 //!
 //! Checked as responses arrive:
 //! - every response decodes as the answer to its request (PROTOCOL.md);
@@ -223,7 +230,34 @@ pub struct KvldsStats {
     pub range_pairs: u64,
 }
 
-/// The client, its history, and the oracle.
+/// Whether a client has shown the store serves it in the liveness phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// Not in the liveness phase.
+    Off,
+    /// It must send a fresh request.
+    Needed,
+    /// Its fresh request (this id) is in flight.
+    Sent(u64),
+    /// Answered.
+    Done,
+}
+
+/// One client: its current connection and what waits on it.
+#[derive(Debug)]
+struct Slot {
+    connected: bool,
+    /// The current connection's number in the history (unique in the run).
+    conn: u64,
+    /// The next request's place in the connection's order.
+    seq: u64,
+    /// The next request ID (from 1 on each connection).
+    next_id: u64,
+    pending: BTreeMap<u64, Pending>,
+    probe: Probe,
+}
+
+/// The clients, their history, and the oracle.
 pub struct KvldsClient {
     key_len_max: u32,
     value_len_max: u32,
@@ -238,15 +272,11 @@ pub struct KvldsClient {
     /// Every value ever sent for each key (honesty).
     written: Vec<BTreeSet<Bytes>>,
     ranges_in_flight: u32,
-    pending: BTreeMap<u64, Pending>,
+    slots: Vec<Slot>,
+    /// Connections opened so far (the last one's number).
+    conns_opened: u64,
     /// Per connection, after when none of its requests can take effect.
     effects_end_ns: BTreeMap<u64, u64>,
-    connected: bool,
-    /// The current connection's number (a new one after each reconnect).
-    conn: u64,
-    /// The next request's place in the connection's order.
-    seq: u64,
-    next_id: u64,
     calls: Vec<CallRecord>,
     ranges: Vec<RangeRecord>,
     mode: Mode,
@@ -255,6 +285,7 @@ pub struct KvldsClient {
     verify_keys: Vec<usize>,
     paging: Paging,
     verified: bool,
+    liveness: bool,
     /// Ids of the requests sent since `take_issued`.
     issued: Vec<u64>,
     /// Keep a readable note of each response (for the trace).
@@ -277,10 +308,17 @@ fn show(b: &[u8]) -> String {
 }
 
 impl KvldsClient {
-    /// A client of a store of `block_size`-byte blocks that issues
-    /// `budget` requests, at most `in_flight_max` at once, over `keys`
-    /// distinct keys drawn from `rng`.
-    pub fn new(block_size: u32, in_flight_max: u64, budget: u64, keys: u64, rng: &mut Stream) -> KvldsClient {
+    /// `clients` clients of a store of `block_size`-byte blocks that
+    /// issue `budget` requests between them, each at most `in_flight_max`
+    /// at once, over `keys` distinct keys drawn from `rng`.
+    pub fn new(
+        block_size: u32,
+        clients: usize,
+        in_flight_max: u64,
+        budget: u64,
+        keys: u64,
+        rng: &mut Stream,
+    ) -> KvldsClient {
         let (key_len_max, value_len_max) = limits_for_block_size(block_size);
         let mut set = BTreeSet::new();
         let mut attempts = 0;
@@ -302,12 +340,18 @@ impl KvldsClient {
             recent: vec![VecDeque::new(); n],
             written: vec![BTreeSet::new(); n],
             ranges_in_flight: 0,
-            pending: BTreeMap::new(),
+            slots: (0..clients.max(1))
+                .map(|_| Slot {
+                    connected: false,
+                    conn: 0,
+                    seq: 0,
+                    next_id: 1,
+                    pending: BTreeMap::new(),
+                    probe: Probe::Off,
+                })
+                .collect(),
+            conns_opened: 0,
             effects_end_ns: BTreeMap::new(),
-            connected: false,
-            conn: 0,
-            seq: 0,
-            next_id: 1,
             calls: Vec::new(),
             ranges: Vec::new(),
             mode: Mode::Grow,
@@ -316,6 +360,7 @@ impl KvldsClient {
             verify_keys: Vec::new(),
             paging: Paging::Done,
             verified: false,
+            liveness: false,
             issued: Vec::new(),
             keep_notes: false,
             response_note: None,
@@ -338,9 +383,20 @@ impl KvldsClient {
         self.response_note.take()
     }
 
-    /// A pending request, readable.
-    pub fn describe_request(&self, id: u64) -> String {
-        let what = match self.pending.get(&id) {
+    /// How many clients there are.
+    pub fn clients(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether client `slot` is connected.
+    pub fn connected(&self, slot: usize) -> bool {
+        self.slots[slot].connected
+    }
+
+    /// Client `slot`'s pending request `id`, readable.
+    pub fn describe_request(&self, slot: usize, id: u64) -> String {
+        let s = &self.slots[slot];
+        let what = match s.pending.get(&id) {
             None => "(no longer pending)".to_string(),
             Some(Pending::Params) => "PARAMS".into(),
             Some(Pending::Range { start, end, max_bytes, paging, .. }) => format!(
@@ -362,16 +418,16 @@ impl KvldsClient {
                 }
             }
         };
-        let seq = match self.pending.get(&id) {
+        let seq = match s.pending.get(&id) {
             Some(Pending::Call { seq, .. } | Pending::Range { seq, .. }) => format!(" seq {seq}"),
             _ => String::new(),
         };
-        format!("request {id:#x} [connection {}{seq}]: {what}", self.conn)
+        format!("request {id:#x} [client {slot}, connection {}{seq}]: {what}", s.conn)
     }
 
     /// Whether the workload budget is spent and nothing is pending.
     pub fn workload_done(&self) -> bool {
-        self.stats.requests >= self.budget && self.pending.is_empty()
+        self.stats.requests >= self.budget && self.in_flight() == 0
     }
 
     /// Whether the final read-back is complete.
@@ -379,15 +435,58 @@ impl KvldsClient {
         self.verified
     }
 
-    /// Requests in flight.
+    /// Requests in flight, over every client.
     pub fn in_flight(&self) -> usize {
-        self.pending.len()
+        self.slots.iter().map(|s| s.pending.len()).sum()
     }
 
-    /// Starts the final read-back (after faults stop) on the next
-    /// connection.
+    /// Starts the final read-back (after faults stop) on client 0's next
+    /// connection; the other clients stay idle.
     pub fn start_verify(&mut self) {
         self.verifying = true;
+        self.liveness = false;
+    }
+
+    /// Faults stopped: the workload stops, and every client must
+    /// (re)connect, see what it has pending answered, and have one fresh
+    /// GET answered.
+    pub fn start_liveness(&mut self) {
+        self.liveness = true;
+        for s in &mut self.slots {
+            s.probe = Probe::Needed;
+        }
+    }
+
+    /// Whether every client has been served since faults stopped and
+    /// nothing is pending.
+    pub fn liveness_done(&self) -> bool {
+        self.slots.iter().all(|s| s.probe == Probe::Done && s.pending.is_empty())
+    }
+
+    /// Whether client `slot` has had its fresh GET answered and waits for
+    /// nothing (it may then make room for the others at a mux's limit).
+    pub fn liveness_done_for(&self, slot: usize) -> bool {
+        let s = &self.slots[slot];
+        s.probe == Probe::Done && s.pending.is_empty()
+    }
+
+    /// What keeps the liveness phase from ending, readable.
+    pub fn liveness_state(&self) -> String {
+        let parts: Vec<String> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.probe != Probe::Done || !s.pending.is_empty())
+            .map(|(i, s)| {
+                format!(
+                    "client {i}: {}, fresh GET {:?}, {} pending",
+                    if s.connected { "connected" } else { "not connected" },
+                    s.probe,
+                    s.pending.len()
+                )
+            })
+            .collect();
+        parts.join("; ")
     }
 
     /// Every component was crashed (lbs by a power loss) at `now_ns`: no
@@ -396,15 +495,16 @@ impl KvldsClient {
     /// "arrive" after later acknowledged ones (it would hide a lost update
     /// that fell back to its value).
     pub fn effects_end_now(&mut self, now_ns: u64) {
-        for conn in 0..=self.conn {
+        for conn in 0..=self.conns_opened {
             self.effects_end_ns.entry(conn).or_insert(now_ns);
         }
     }
 
     /// When the oldest request still waiting for its answer was sent.
     pub fn oldest_pending_ns(&self) -> Option<u64> {
-        self.pending
-            .values()
+        self.slots
+            .iter()
+            .flat_map(|s| s.pending.values())
             .filter_map(|p| match p {
                 Pending::Call { invoked_ns, .. } | Pending::Range { invoked_ns, .. } => Some(*invoked_ns),
                 Pending::Params => None,
@@ -412,56 +512,64 @@ impl KvldsClient {
             .min()
     }
 
-    /// A new connection (a new number; requests are ordered afresh).
-    pub fn on_connected(&mut self) {
+    /// Client `slot` has a new connection (a new number; requests are
+    /// ordered afresh, and IDs start again from 1).
+    pub fn on_connected(&mut self, slot: usize) {
         self.stats.connections += 1;
-        self.connected = true;
-        self.conn += 1;
-        self.seq = 0;
-        if self.verifying {
+        self.conns_opened += 1;
+        let s = &mut self.slots[slot];
+        s.connected = true;
+        s.conn = self.conns_opened;
+        s.seq = 0;
+        s.next_id = 1;
+        if self.verifying && slot == 0 {
             self.verify_keys = (0..self.keys.len()).rev().collect();
             self.paging = Paging::From(Bytes::new());
         }
     }
 
-    /// The connection is gone: modifying requests without a response are
-    /// indeterminate; reads without one are dropped (they changed nothing).
-    pub fn on_disconnected(&mut self) {
-        self.connected = false;
-        for (_, p) in std::mem::take(&mut self.pending) {
-            if let Pending::Call { key_index, seq, op, invoked_ns } = p {
-                self.per_key[key_index] -= 1;
-                if op.is_modifying() {
-                    self.stats.indeterminate += 1;
-                    let key = self.keys[key_index].clone();
-                    self.calls.push(CallRecord {
-                        conn: self.conn,
-                        seq,
-                        key,
-                        op,
-                        invoked_ns,
-                        completed: None,
-                    });
+    /// Client `slot`'s connection is gone: modifying requests without a
+    /// response are indeterminate; reads without one are dropped (they
+    /// changed nothing).
+    pub fn on_disconnected(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        s.connected = false;
+        if let Probe::Sent(_) = s.probe {
+            s.probe = Probe::Needed;
+        }
+        let conn = s.conn;
+        for (_, p) in std::mem::take(&mut s.pending) {
+            match p {
+                Pending::Call { key_index, seq, op, invoked_ns } => {
+                    self.per_key[key_index] -= 1;
+                    if op.is_modifying() {
+                        self.stats.indeterminate += 1;
+                        let key = self.keys[key_index].clone();
+                        self.calls.push(CallRecord { conn, seq, key, op, invoked_ns, completed: None });
+                    }
                 }
+                Pending::Range { .. } => self.ranges_in_flight -= 1,
+                Pending::Params => {}
             }
         }
-        self.ranges_in_flight = 0;
-        if self.verifying {
+        if self.verifying && slot == 0 {
             self.verify_keys.clear();
             self.paging = Paging::Done;
         }
     }
 
-    fn send(&mut self, p: Pending, req: KvldsRequest, out: &mut BytesMut) {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.seq += 1;
+    fn send(&mut self, slot: usize, p: Pending, req: KvldsRequest, out: &mut BytesMut) -> u64 {
+        let s = &mut self.slots[slot];
+        let id = s.next_id;
+        s.next_id += 1;
+        s.seq += 1;
         req.encode(id, out);
         self.issued.push(id);
-        self.pending.insert(id, p);
+        s.pending.insert(id, p);
+        id
     }
 
-    fn send_call(&mut self, key_index: usize, op: Op, now_ns: u64, out: &mut BytesMut) {
+    fn send_call(&mut self, slot: usize, key_index: usize, op: Op, now_ns: u64, out: &mut BytesMut) -> u64 {
         let key = self.keys[key_index].clone();
         let req = match &op {
             Op::Set(value) => KvldsRequest::Set { key, value: value.clone() },
@@ -473,12 +581,14 @@ impl KvldsClient {
             Op::Get => KvldsRequest::Get { key },
         };
         self.per_key[key_index] += 1;
-        let seq = self.seq;
-        self.send(Pending::Call { key_index, seq, op, invoked_ns: now_ns }, req, out);
+        let seq = self.slots[slot].seq;
+        self.send(slot, Pending::Call { key_index, seq, op, invoked_ns: now_ns }, req, out)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send_range(
         &mut self,
+        slot: usize,
         start: Bytes,
         end: Bytes,
         max_bytes: u32,
@@ -487,21 +597,35 @@ impl KvldsClient {
         out: &mut BytesMut,
     ) {
         self.ranges_in_flight += 1;
-        let seq = self.seq;
+        let seq = self.slots[slot].seq;
         let req = KvldsRequest::Range { max_bytes, start: start.clone(), end: end.clone() };
-        self.send(Pending::Range { seq, start, end, max_bytes, invoked_ns: now_ns, paging }, req, out);
+        self.send(slot, Pending::Range { seq, start, end, max_bytes, invoked_ns: now_ns, paging }, req, out);
     }
 
-    /// Issues what the workload wants now into `out`.
-    pub fn issue(&mut self, rng: &mut Stream, now_ns: u64, out: &mut BytesMut) {
-        if !self.connected {
+    /// Issues what client `slot` wants to send now into `out`.
+    pub fn issue(&mut self, slot: usize, rng: &mut Stream, now_ns: u64, out: &mut BytesMut) {
+        if !self.slots[slot].connected {
             return;
         }
         if self.verifying {
-            return self.issue_verify(rng, now_ns, out);
+            if slot == 0 {
+                self.issue_verify(rng, now_ns, out);
+            }
+            return;
         }
-        while (self.pending.len() as u64) < self.in_flight_max && self.stats.requests < self.budget {
-            if !self.issue_one(rng, now_ns, out) {
+        if self.liveness {
+            if self.slots[slot].probe == Probe::Needed {
+                // A GET of any key, whatever is in flight on it.
+                let k = rng.below(self.keys.len() as u64) as usize;
+                let id = self.send_call(slot, k, Op::Get, now_ns, out);
+                self.slots[slot].probe = Probe::Sent(id);
+            }
+            return;
+        }
+        while (self.slots[slot].pending.len() as u64) < self.in_flight_max
+            && self.stats.requests < self.budget
+        {
+            if !self.issue_one(slot, rng, now_ns, out) {
                 break;
             }
         }
@@ -513,24 +637,24 @@ impl KvldsClient {
         if let Paging::From(start) = self.paging.clone() {
             self.paging = Paging::InFlight;
             let max_bytes = range_budget(rng);
-            self.send_range(start, Bytes::new(), max_bytes, true, now_ns, out);
+            self.send_range(0, start, Bytes::new(), max_bytes, true, now_ns, out);
         }
-        while (self.pending.len() as u64) < self.in_flight_max {
+        while (self.slots[0].pending.len() as u64) < self.in_flight_max {
             let Some(&k) = self.verify_keys.last() else { break };
             if self.per_key[k] >= IN_FLIGHT_PER_KEY_MAX {
                 break;
             }
             self.verify_keys.pop();
-            self.send_call(k, Op::Get, now_ns, out);
+            self.send_call(0, k, Op::Get, now_ns, out);
         }
-        if self.verify_keys.is_empty() && self.paging == Paging::Done && self.pending.is_empty() {
+        if self.verify_keys.is_empty() && self.paging == Paging::Done && self.slots[0].pending.is_empty() {
             self.verified = true;
         }
     }
 
     /// Issues one workload request; false if none can go now (its key has
     /// too many calls in flight, or too many RANGEs are).
-    fn issue_one(&mut self, rng: &mut Stream, now_ns: u64, out: &mut BytesMut) -> bool {
+    fn issue_one(&mut self, slot: usize, rng: &mut Stream, now_ns: u64, out: &mut BytesMut) -> bool {
         if self.mode_left == 0 {
             if self.stats.requests > 0 {
                 self.mode = [Mode::Grow, Mode::Shrink, Mode::Mixed][rng.below(3) as usize];
@@ -547,7 +671,9 @@ impl KvldsClient {
             roll -= w;
         }
         match pick {
-            Pick::Params => self.send(Pending::Params, KvldsRequest::Params, out),
+            Pick::Params => {
+                self.send(slot, Pending::Params, KvldsRequest::Params, out);
+            }
             Pick::Range => {
                 if self.ranges_in_flight >= RANGES_IN_FLIGHT_MAX {
                     return false;
@@ -555,7 +681,7 @@ impl KvldsClient {
                 let start = self.range_bound(rng);
                 let end = self.range_bound(rng);
                 let max_bytes = range_budget(rng);
-                self.send_range(start, end, max_bytes, false, now_ns, out);
+                self.send_range(slot, start, end, max_bytes, false, now_ns, out);
             }
             keyed => {
                 let Some(k) = self.pick_key(rng) else { return false };
@@ -571,7 +697,7 @@ impl KvldsClient {
                     Pick::Cad => Op::Cad(self.comparand(rng, k)),
                     _ => Op::Get,
                 };
-                self.send_call(k, op, now_ns, out);
+                self.send_call(slot, k, op, now_ns, out);
             }
         }
         self.mode_left -= 1;
@@ -629,10 +755,18 @@ impl KvldsClient {
     ///
     /// # Errors
     /// What the oracle caught.
-    pub fn on_packet(&mut self, packet: Packet, now_ns: u64) -> Result<(), String> {
-        let Some(p) = self.pending.remove(&packet.id) else {
-            return Err(format!("response to request {:#x}, which is not pending", packet.id));
+    pub fn on_packet(&mut self, slot: usize, packet: Packet, now_ns: u64) -> Result<(), String> {
+        let s = &mut self.slots[slot];
+        let Some(p) = s.pending.remove(&packet.id) else {
+            return Err(format!(
+                "client {slot} got a response to request {:#x}, which it has not pending",
+                packet.id
+            ));
         };
+        if s.probe == Probe::Sent(packet.id) {
+            s.probe = Probe::Done;
+        }
+        let conn = s.conn;
         self.stats.responses += 1;
         let kind = match &p {
             Pending::Params => KvldsRequestKind::Params,
@@ -687,7 +821,7 @@ impl KvldsClient {
                     (op, r) => return Err(format!("{} answered {r:?}", op.name())),
                 };
                 self.calls.push(CallRecord {
-                    conn: self.conn,
+                    conn,
                     seq,
                     key,
                     op,
@@ -706,7 +840,7 @@ impl KvldsClient {
                     self.paging = if next.is_empty() { Paging::Done } else { Paging::From(next.clone()) };
                 }
                 self.ranges.push(RangeRecord {
-                    conn: self.conn,
+                    conn,
                     seq,
                     start,
                     end,
@@ -906,26 +1040,31 @@ mod tests {
         resp.encode(id, &mut out);
         let mut d = kivaloo::packet::PacketDecoder::new();
         d.push(&out);
-        client.on_packet(d.next_packet().unwrap().unwrap(), now_ns)
+        client.on_packet(0, d.next_packet().unwrap().unwrap(), now_ns)
     }
 
     fn pending_ranges(client: &KvldsClient) -> Vec<u64> {
-        client.pending.iter().filter(|(_, p)| matches!(p, Pending::Range { .. })).map(|(id, _)| *id).collect()
+        client.slots[0]
+            .pending
+            .iter()
+            .filter(|(_, p)| matches!(p, Pending::Range { .. }))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     #[test]
     fn keys_and_values_respect_the_block_size_limits() {
         let mut rng = Stream::new(1, Concern::Workload);
         for (block_size, key_max, value_max) in [(512, 64, 96), (1024, 128, 192), (2048, 255, 255)] {
-            let mut c = KvldsClient::new(block_size, 64, 2000, 200, &mut rng);
+            let mut c = KvldsClient::new(block_size, 1, 64, 2000, 200, &mut rng);
             assert_eq!(c.keys.len(), 200);
             assert!(c.keys.iter().all(|k| k.len() <= key_max));
-            c.on_connected();
+            c.on_connected(0);
             let mut out = BytesMut::new();
             while c.stats.requests < 2000 {
-                c.issue(&mut rng, 0, &mut out);
-                c.on_disconnected();
-                c.on_connected();
+                c.issue(0, &mut rng, 0, &mut out);
+                c.on_disconnected(0);
+                c.on_connected(0);
             }
             assert!(c.written.iter().flatten().all(|v| v.len() <= value_max));
             assert!(c.per_key.iter().all(|n| *n == 0));
@@ -935,24 +1074,24 @@ mod tests {
     #[test]
     fn range_answers_are_checked() {
         let mut rng = Stream::new(2, Concern::Workload);
-        let mut c = KvldsClient::new(512, 1, 10, 8, &mut rng);
-        c.on_connected();
+        let mut c = KvldsClient::new(512, 1, 1, 10, 8, &mut rng);
+        c.on_connected(0);
         let k = c.keys[3].clone();
         let v = c.new_value(&mut rng, 3);
         let mut out = BytesMut::new();
         // A RANGE over everything that returns a value never written fails.
-        c.send_range(Bytes::new(), Bytes::new(), 100, false, 0, &mut out);
+        c.send_range(0, Bytes::new(), Bytes::new(), 100, false, 0, &mut out);
         let id = pending_ranges(&c)[0];
         let forged =
             KvldsResponse::Range { next: Bytes::new(), pairs: vec![(k.clone(), Bytes::from_static(b"zz"))] };
         assert!(respond(&mut c, id, forged, 1).unwrap_err().contains("honesty"));
         // No progress fails.
-        c.send_range(k.clone(), Bytes::new(), 100, false, 0, &mut out);
+        c.send_range(0, k.clone(), Bytes::new(), 100, false, 0, &mut out);
         let id = pending_ranges(&c)[0];
         let stuck = KvldsResponse::Range { next: k.clone(), pairs: vec![] };
         assert!(respond(&mut c, id, stuck, 1).unwrap_err().contains("not past"));
         // An honest, well-formed answer passes and is recorded.
-        c.send_range(Bytes::new(), Bytes::new(), 0, false, 0, &mut out);
+        c.send_range(0, Bytes::new(), Bytes::new(), 0, false, 0, &mut out);
         let id = pending_ranges(&c)[0];
         let good = KvldsResponse::Range { next: Bytes::new(), pairs: vec![(k, v)] };
         respond(&mut c, id, good, 1).unwrap();
@@ -962,19 +1101,19 @@ mod tests {
     #[test]
     fn a_cut_history_keeps_only_what_happened_before_the_cut() {
         let mut rng = Stream::new(3, Concern::Workload);
-        let mut c = KvldsClient::new(512, 8, 10, 8, &mut rng);
-        c.on_connected();
+        let mut c = KvldsClient::new(512, 1, 8, 10, 8, &mut rng);
+        c.on_connected(0);
         let mut out = BytesMut::new();
         let v = c.new_value(&mut rng, 0);
-        c.send_call(0, Op::Set(v), 10, &mut out); // answered after the cut: indeterminate
-        c.send_call(1, Op::Get, 10, &mut out); // answered after the cut: left out
-        c.send_call(2, Op::Delete, 10, &mut out); // answered before: kept
-        let ids: Vec<u64> = c.pending.keys().copied().collect();
+        c.send_call(0, 0, Op::Set(v), 10, &mut out); // answered after the cut: indeterminate
+        c.send_call(0, 1, Op::Get, 10, &mut out); // answered after the cut: left out
+        c.send_call(0, 2, Op::Delete, 10, &mut out); // answered before: kept
+        let ids: Vec<u64> = c.slots[0].pending.keys().copied().collect();
         respond(&mut c, ids[2], KvldsResponse::Done(true), 20).unwrap();
         respond(&mut c, ids[0], KvldsResponse::Done(true), 40).unwrap();
         respond(&mut c, ids[1], KvldsResponse::Get(None), 40).unwrap();
-        c.send_call(3, Op::Delete, 50, &mut out); // invoked after: left out
-        let id = *c.pending.keys().next().unwrap();
+        c.send_call(0, 3, Op::Delete, 50, &mut out); // invoked after: left out
+        let id = *c.slots[0].pending.keys().next().unwrap();
         respond(&mut c, id, KvldsResponse::Done(true), 60).unwrap();
         let h = c.history(Some(30));
         assert_eq!(h.calls.len(), 2);

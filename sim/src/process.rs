@@ -1,4 +1,4 @@
-//! One component of the simulated chain (lbs, or kvlds): the node (the
+//! One component of the simulated chain (lbs, kvlds or mux): the node (the
 //! real state machine, rebuilt from its configuration at each start), its
 //! incarnation, its clock (which may run fast or slow) and timer, its disk
 //! if it has one, and what it went through (crashes, exits, the node's own
@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use kivaloo::contract::{Instant, Node};
 use kivaloo_nodes::kvlds::{KvldsConfig, KvldsNode};
 use kivaloo_nodes::lbs::{LbsConfig, LbsNode};
+use kivaloo_nodes::mux::{MuxConfig, MuxNode};
 
 use crate::storage::SimDisk;
 
@@ -20,6 +21,9 @@ pub enum Kind {
     /// The B+tree: talks to the next component (lbs) through
     /// `ConnId::UPSTREAM`; no disk.
     Kvlds,
+    /// The multiplexer: many clients onto one connection to the next
+    /// component (kvlds); no disk.
+    Mux,
 }
 
 impl Kind {
@@ -28,6 +32,7 @@ impl Kind {
         match self {
             Kind::Lbs => "lbs",
             Kind::Kvlds => "kvlds",
+            Kind::Mux => "mux",
         }
     }
 
@@ -36,6 +41,7 @@ impl Kind {
         match name {
             "lbs" => Some(Kind::Lbs),
             "kvlds" => Some(Kind::Kvlds),
+            "mux" => Some(Kind::Mux),
             _ => None,
         }
     }
@@ -46,6 +52,7 @@ impl Kind {
 pub enum Config {
     Lbs(LbsConfig),
     Kvlds(KvldsConfig),
+    Mux(MuxConfig),
 }
 
 /// A running node, typed, so that the world can read kvlds's probes and
@@ -53,6 +60,7 @@ pub enum Config {
 pub enum Running {
     Lbs(Box<LbsNode>),
     Kvlds(Box<KvldsNode>),
+    Mux(Box<MuxNode>),
 }
 
 impl Running {
@@ -61,6 +69,7 @@ impl Running {
         match self {
             Running::Lbs(n) => n.as_mut(),
             Running::Kvlds(n) => n.as_mut(),
+            Running::Mux(n) => n.as_mut(),
         }
     }
 
@@ -69,19 +78,20 @@ impl Running {
         match self {
             Running::Lbs(n) => n.poll_timeout(),
             Running::Kvlds(n) => n.poll_timeout(),
+            Running::Mux(n) => n.poll_timeout(),
         }
     }
 
     /// The node's own probe counters, by name (kvlds's `KvldsProbes`,
-    /// prefixed `kvlds.`); lbs's are recognised in its log instead.
+    /// prefixed `kvlds.`, and mux's `MuxProbes`, prefixed `mux.`); lbs's
+    /// are recognised in its log instead.
     pub fn probes(&self) -> Vec<(String, u64)> {
-        match self {
-            Running::Lbs(_) => Vec::new(),
-            Running::Kvlds(n) => counters_of(&format!("{:?}", n.probes()))
-                .into_iter()
-                .map(|(name, v)| (format!("kvlds.{name}"), v))
-                .collect(),
-        }
+        let (prefix, debug) = match self {
+            Running::Lbs(_) => return Vec::new(),
+            Running::Kvlds(n) => ("kvlds", format!("{:?}", n.probes())),
+            Running::Mux(n) => ("mux", format!("{:?}", n.probes())),
+        };
+        counters_of(&debug).into_iter().map(|(name, v)| (format!("{prefix}.{name}"), v)).collect()
     }
 }
 
@@ -191,6 +201,7 @@ impl Proc {
         self.node = Some(match &self.config {
             Config::Lbs(c) => Running::Lbs(Box::new(LbsNode::new(c.clone()))),
             Config::Kvlds(c) => Running::Kvlds(Box::new(KvldsNode::new(c.clone()))),
+            Config::Mux(c) => Running::Mux(Box::new(MuxNode::new(c.clone()))),
         });
     }
 

@@ -20,8 +20,9 @@ pub struct Scenario {
     pub name: String,
     /// What the scenario attacks.
     pub description: String,
-    /// The nodes under test, front (the one the client talks to) first:
-    /// `["lbs"]`, or `["kvlds", "lbs"]` (client -> kvlds -> lbs -> disk).
+    /// The nodes under test, front (the one the clients talk to) first:
+    /// `["lbs"]`, `["kvlds", "lbs"]` (client -> kvlds -> lbs -> disk) or
+    /// `["mux", "kvlds", "lbs"]` (clients -> mux -> kvlds -> lbs -> disk).
     pub components: Vec<String>,
     /// Seeds a sweep runs (and `cargo test` runs a fraction of).
     pub seeds: u64,
@@ -62,6 +63,23 @@ pub struct WorkloadSpec {
     /// kvlds `-g`: modifying requests that force a commit (drawn per seed).
     #[serde(default = "default_commit_forced")]
     pub commit_forced: [u64; 2],
+    /// kvlds workload: clients, each with its own connection (drawn per
+    /// seed); more than one needs a mux in front (kvlds serves one
+    /// connection at a time).
+    #[serde(default = "default_clients")]
+    pub clients: [u64; 2],
+    /// mux `-n`, as a fraction of the clients drawn (rounded up, at least
+    /// 1): below 1.0 some clients wait for others to leave.
+    #[serde(default = "default_mux_connections")]
+    pub mux_connections: [f64; 2],
+}
+
+fn default_clients() -> [u64; 2] {
+    [1, 1]
+}
+
+fn default_mux_connections() -> [f64; 2] {
+    [1.0, 1.0]
 }
 
 fn default_file_blocks() -> [u64; 2] {
@@ -151,6 +169,10 @@ pub struct KvldsDrawn {
     pub clock_rate: f64,
     /// How late kvlds's timer may fire, in microseconds.
     pub timer_late_us: u64,
+    /// Clients, each with its own connection.
+    pub clients: u64,
+    /// mux `-n` (when a mux runs).
+    pub mux_connections_max: u64,
 }
 
 impl Scenario {
@@ -162,14 +184,18 @@ impl Scenario {
         let s: Scenario = toml::from_str(text).map_err(|e| e.to_string())?;
         let components: Vec<&str> = s.components.iter().map(String::as_str).collect();
         match (components.as_slice(), s.workload.kind.as_str()) {
-            (["lbs"], "lbs") | (["kvlds", "lbs"], "kvlds") => {}
+            (["lbs"], "lbs") | (["kvlds", "lbs"], "kvlds") | (["mux", "kvlds", "lbs"], "kvlds") => {}
             _ => {
                 return Err(format!(
                     "unsupported components {:?} / workload {:?} (this simulator runs [\"lbs\"] with the \
-                     lbs workload, or [\"kvlds\", \"lbs\"] with the kvlds workload)",
+                     lbs workload, or [\"kvlds\", \"lbs\"] or [\"mux\", \"kvlds\", \"lbs\"] with the kvlds \
+                     workload)",
                     s.components, s.workload.kind
                 ))
             }
+        }
+        if s.workload.clients[0] == 0 || (s.workload.clients[1] > 1 && components[0] != "mux") {
+            return Err("clients must be at least 1, and more than 1 only with a mux in front".into());
         }
         if s.workload.block_sizes.is_empty() || s.workload.in_flight[0] == 0 {
             return Err("workload needs block sizes and at least one request in flight".into());
@@ -241,6 +267,11 @@ impl Scenario {
                 r => d(r).max(0.01),
             };
             let timer_late_us = d(f.timer_late_us) as u64;
+            // Drawn last, so that adding them kept the earlier draws.
+            let clients = rng.range(w.clients[0], w.clients[1].max(w.clients[0])).max(1);
+            let [lo, hi] = w.mux_connections;
+            let fraction = rng.f64_in(lo.min(hi), lo.max(hi));
+            let mux_connections_max = ((clients as f64 * fraction).ceil() as u64).max(1);
             KvldsDrawn {
                 keys,
                 cache_pages,
@@ -248,6 +279,8 @@ impl Scenario {
                 commit_forced_requests,
                 clock_rate,
                 timer_late_us,
+                clients,
+                mux_connections_max,
             }
         });
         Drawn {

@@ -1,22 +1,28 @@
-//! One simulated run: a chain of components, front first (`["lbs"]`, or
-//! `["kvlds", "lbs"]`: client -> kvlds -> lbs -> simulated disk), each the
-//! real state machine driven through the same contract as the tokio
-//! runtime; simulated connections between the client and the front
-//! component and between each component and the next (its
-//! `ConnId::UPSTREAM`); virtual time; and chaos: crashes of any component
-//! (process or power), connection resets, disk faults, time faults. It ends
-//! with a quiet phase in which faults stop, every component restarts once
-//! more, and the client reads everything back (liveness and durability).
+//! One simulated run: a chain of components, front first (`["lbs"]`,
+//! `["kvlds", "lbs"]`: client -> kvlds -> lbs -> simulated disk, or
+//! `["mux", "kvlds", "lbs"]` with many clients), each the real state
+//! machine driven through the same contract as the tokio runtime;
+//! simulated connections between each client and the front component and
+//! between each component and the next (its `ConnId::UPSTREAM`); virtual
+//! time; and chaos: crashes of any component (process or power),
+//! connection resets, disk faults, time faults. When the workload is done
+//! (or stalls), faults stop and a liveness phase follows (kvlds workloads):
+//! every client must be served a fresh request and see everything it has
+//! pending answered within `LIVENESS_LIMIT_NS`. Then a quiet phase: every
+//! component restarts once more, and client 0 reads everything back
+//! (durability).
 
 use std::collections::BTreeMap;
 
 use bytes::{Bytes, BytesMut};
 use kivaloo::contract::{ConnClosed, ConnId, DiskErrorKind, DiskOp, DiskOpId, ExitReason, Input, Output};
+use kivaloo::kvlds_proto::KvldsRequest;
 use kivaloo::lbs_proto::LbsRequest;
 use kivaloo::packet::PacketDecoder;
 use kivaloo::Instant;
 use kivaloo_nodes::kvlds::KvldsConfig;
 use kivaloo_nodes::lbs::LbsConfig;
+use kivaloo_nodes::mux::MuxConfig;
 
 use crate::client::Client;
 use crate::kvlds_workload::KvldsClient;
@@ -43,6 +49,10 @@ pub const STALL_LIMIT_NS: u64 = 120 * SEC;
 pub const ANSWER_LIMIT_NS: u64 = 30 * SEC;
 /// A node whose upstream closed must exit within this much virtual time.
 pub const UPSTREAM_EXIT_LIMIT_NS: u64 = SEC;
+/// Once faults stop, every client must have been served a fresh request,
+/// with nothing left pending, within this much virtual time (components
+/// down at that moment restart and recover in it).
+pub const LIVENESS_LIMIT_NS: u64 = 30 * SEC;
 
 /// What happens next.
 enum Ev {
@@ -59,7 +69,7 @@ enum Ev {
     Closed { link: u64, dir: Dir },
     /// Component `proc`'s timer, for incarnation `inc`.
     Timer { proc: usize, inc: u64 },
-    /// The client may act.
+    /// The clients may act.
     ClientTick,
     /// About every virtual ms (at random intervals, so that crashes land
     /// between any two events) while faults are on: maybe crash, maybe
@@ -147,14 +157,18 @@ pub struct World {
     /// Open connections by the server's connection id.
     links: BTreeMap<u64, Link>,
     next_conn: u64,
-    /// The client's connection to the front component.
-    client_link: Option<u64>,
+    /// Each client's connection to the front component, by slot.
+    client_links: Vec<Option<u64>>,
     client: Client,
     time_rng: Stream,
     net_rng: Stream,
     disk_rng: Stream,
     crash_rng: Stream,
     work_rng: Stream,
+    /// Faults have stopped (the liveness phase, then the quiet phase).
+    faults_off: bool,
+    /// The liveness phase began at this virtual time (and is not over).
+    liveness_since: Option<u64>,
     quiet: bool,
     quiet_since: u64,
     failure: Option<String>,
@@ -219,6 +233,11 @@ impl World {
                     };
                     Proc::new(kind, Config::Kvlds(cfg), k.clock_rate, k.timer_late_us, None)
                 }
+                Kind::Mux => {
+                    let k = drawn.kvlds.as_ref().expect("a mux scenario draws kvlds's parameters");
+                    let cfg = MuxConfig { connections_max: k.mux_connections_max as usize };
+                    Proc::new(kind, Config::Mux(cfg), k.clock_rate, k.timer_late_us, None)
+                }
             });
         }
         assert!(
@@ -231,14 +250,22 @@ impl World {
             "lbs" => Client::Lbs(LbsClient::new(drawn.block_size, drawn.in_flight, w.requests)),
             _ => {
                 let keys = drawn.kvlds.as_ref().map_or(1, |k| k.keys);
-                let mut c =
-                    KvldsClient::new(drawn.block_size, drawn.in_flight, w.requests, keys, &mut work_rng);
+                let clients = drawn.kvlds.as_ref().map_or(1, |k| k.clients) as usize;
+                let mut c = KvldsClient::new(
+                    drawn.block_size,
+                    clients,
+                    drawn.in_flight,
+                    w.requests,
+                    keys,
+                    &mut work_rng,
+                );
                 if keep_trace {
                     c.keep_notes();
                 }
                 Client::Kvlds(c)
             }
         };
+        let client_links = vec![None; client.clients()];
         World {
             q: EventQueue::default(),
             trace: Trace::new(keep_trace),
@@ -246,13 +273,15 @@ impl World {
             procs,
             links: BTreeMap::new(),
             next_conn: 1,
-            client_link: None,
+            client_links,
             client,
             time_rng: Stream::new(seed, Concern::Time),
             net_rng: Stream::new(seed, Concern::Network),
             disk_rng: Stream::new(seed, Concern::Disk),
             crash_rng: Stream::new(seed, Concern::Crash),
             work_rng,
+            faults_off: false,
+            liveness_since: None,
             quiet: false,
             quiet_since: 0,
             failure: None,
@@ -342,9 +371,25 @@ impl World {
                 break;
             };
             self.handle(ev);
-            if !self.quiet {
+            if let Some(since) = self.liveness_since {
+                if self.client.liveness_done() {
+                    self.probe("sim: liveness phases passed");
+                    self.begin_quiet_phase(
+                        "every client was served after faults stopped; restart and read back",
+                    );
+                } else if self.corruption_reported {
+                    self.begin_quiet_phase("the store reported damage; restart and read back");
+                } else if self.now() - since > LIVENESS_LIMIT_NS {
+                    let (clients, state) = (self.client.liveness_state(), self.describe_state());
+                    self.fail(format!(
+                        "liveness: faults stopped {} s ago and not every client has been served: {clients}; {state}",
+                        LIVENESS_LIMIT_NS / SEC
+                    ));
+                    break;
+                }
+            } else if !self.faults_off {
                 if self.client.workload_done() {
-                    self.begin_quiet_phase("faults stop; restart and read everything back");
+                    self.stop_faults("the workload is done; faults stop");
                 } else if self.corruption_reported {
                     self.begin_quiet_phase("the store reported damage; faults stop; restart and read back");
                 } else if let Some(sent) = self
@@ -361,7 +406,7 @@ impl World {
                     break;
                 } else if self.now().saturating_sub(self.last_progress_ns) > STALL_LIMIT_NS {
                     self.probe("sim: workload stalled");
-                    self.begin_quiet_phase("no response for a long time; faults stop");
+                    self.stop_faults("no response for a long time; faults stop");
                 }
             }
         }
@@ -421,7 +466,12 @@ impl World {
     /// Where a stuck run stands: requests in flight, each component's state
     /// and each connection's.
     fn describe_state(&self) -> String {
-        let mut parts = vec![format!("{} client requests in flight", self.client.in_flight())];
+        let connected = self.client_links.iter().filter(|l| l.is_some()).count();
+        let mut parts = vec![format!(
+            "{} client requests in flight, {connected} of {} clients connected",
+            self.client.in_flight(),
+            self.client_links.len()
+        )];
         for p in &self.procs {
             let timer = p.node.as_ref().and_then(|n| n.poll_timeout()).map(|t| t.nanos);
             parts.push(format!(
@@ -447,10 +497,32 @@ impl World {
         parts.join("; ")
     }
 
-    /// Faults stop; every component is crashed once more (the one with the
-    /// disk by a power loss, so that recovery is checked too) and
-    /// restarted, and the client reads everything back.
+    /// Faults stop (no more crashes, resets or disk faults) and the
+    /// liveness phase begins, if the workload has one; otherwise the quiet
+    /// phase.
+    fn stop_faults(&mut self, why: &str) {
+        self.faults_off = true;
+        for p in &mut self.procs {
+            if let Some(disk) = &mut p.disk {
+                disk.set_faults(DiskFaults::default());
+            }
+        }
+        if self.client.start_liveness() {
+            let now = self.q.now();
+            self.trace.event(now, "liveness", &[], || format!("{why}; every client must be served"));
+            self.liveness_since = Some(now.nanos);
+            self.schedule_tick(0);
+        } else {
+            self.begin_quiet_phase(why);
+        }
+    }
+
+    /// Faults stop (if they had not); every component is crashed once more
+    /// (the one with the disk by a power loss, so that recovery is checked
+    /// too) and restarted, and client 0 reads everything back.
     fn begin_quiet_phase(&mut self, why: &str) {
+        self.faults_off = true;
+        self.liveness_since = None;
         self.quiet = true;
         self.quiet_since = self.now();
         let now = self.q.now();
@@ -460,9 +532,11 @@ impl World {
                 disk.set_faults(DiskFaults::default());
             }
         }
-        if let Some(key) = self.client_link.take() {
-            self.links.remove(&key);
-            self.client.on_disconnected();
+        for slot in 0..self.client_links.len() {
+            if let Some(key) = self.client_links[slot].take() {
+                self.links.remove(&key);
+                self.client.on_disconnected(slot);
+            }
         }
         for p in 0..self.procs.len() {
             let power = self.procs[p].disk.is_some();
@@ -623,15 +697,13 @@ impl World {
         let sender_died = h.sender_died;
         match receiver {
             End::Client => {
-                if self.client_link != Some(link) {
-                    return;
-                }
-                self.client_link = None;
+                let Some(slot) = self.slot_of(link) else { return };
+                self.client_links[slot] = None;
                 self.trace.event(now, "closed", &[link], || {
-                    format!("client: {} closed by {}: {reason}", l.id, self.procs[l.server].name())
+                    format!("client {slot}: {} closed by {}: {reason}", l.id, self.procs[l.server].name())
                 });
                 self.judge_client_link_closed(&l, &reason, sender_died);
-                self.client.on_disconnected();
+                self.client.on_disconnected(slot);
                 self.schedule_tick(MS);
             }
             End::Proc(r) => {
@@ -718,8 +790,13 @@ impl World {
         }
     }
 
+    /// The client whose connection `link` is.
+    fn slot_of(&self, link: u64) -> Option<usize> {
+        self.client_links.iter().position(|l| *l == Some(link))
+    }
+
     fn chaos(&mut self) {
-        if self.quiet {
+        if self.faults_off {
             return;
         }
         let alive: Vec<usize> = (0..self.procs.len()).filter(|p| self.procs[*p].node.is_some()).collect();
@@ -734,22 +811,30 @@ impl World {
             let power = self.procs[victim].disk.is_some() && self.crash_rng.chance(self.drawn.power_loss);
             self.crash(victim, power);
         }
-        if self.client_link.is_some() && self.crash_rng.chance(self.drawn.reset_per_ms) {
-            self.reset_client_link();
+        let connected: Vec<usize> =
+            (0..self.client_links.len()).filter(|s| self.client_links[*s].is_some()).collect();
+        if !connected.is_empty() && self.crash_rng.chance(self.drawn.reset_per_ms) {
+            let slot = if connected.len() == 1 {
+                connected[0]
+            } else {
+                connected[self.crash_rng.below(connected.len() as u64) as usize]
+            };
+            self.resets += 1;
+            self.disconnect_client(slot, ConnClosed::Failed("connection reset".into()));
         }
         self.q.after(self.crash_rng.range(1, 2 * MS), Ev::Chaos);
     }
 
-    fn reset_client_link(&mut self) {
-        let Some(key) = self.client_link.take() else { return };
+    /// Client `slot`'s connection ends on the client's side: reset (a
+    /// fault) or closed (the client leaves); the server learns at once.
+    fn disconnect_client(&mut self, slot: usize, reason: ConnClosed) {
+        let Some(key) = self.client_links[slot].take() else { return };
         let Some(l) = self.links.remove(&key) else { return };
-        self.resets += 1;
         let now = self.q.now();
-        self.trace.event(now, "reset", &[key], || format!("client: {} reset", l.id));
-        self.client.on_disconnected();
+        self.trace.event(now, "disconnect", &[key], || format!("client {slot}: {} {reason:?}", l.id));
+        self.client.on_disconnected(slot);
         let server = End::Proc(l.server);
         if !l.to_server.receiver_gone && self.end_alive(&l, server) {
-            let reason = ConnClosed::Failed("connection reset".into());
             self.input(l.server, Input::Closed { conn: l.id, reason });
         }
         self.schedule_tick(MS);
@@ -958,6 +1043,7 @@ impl World {
                     match self.procs[p].kind {
                         Kind::Lbs => self.lbs_exited(p, reason),
                         Kind::Kvlds => self.kvlds_exited(p, reason),
+                        Kind::Mux => self.mux_exited(p, reason),
                     }
                     return;
                 }
@@ -1069,6 +1155,28 @@ impl World {
         self.node_gone(p);
     }
 
+    /// mux stopped: only once its upstream (kvlds) closed.
+    fn mux_exited(&mut self, p: usize, reason: ExitReason) {
+        let upstream_closed = self.procs[p].upstream_closed;
+        self.procs[p].kill();
+        if !upstream_closed {
+            self.fail(format!("mux exited, but its upstream had not closed: {}", reason.message));
+        } else {
+            self.probe("mux: exited after its upstream closed");
+            if self.quiet {
+                if self.corruption_reported {
+                    self.end_by_damage(&reason.message);
+                } else {
+                    self.fail(format!(
+                        "mux exited after faults stopped (its upstream closed): {}",
+                        reason.message
+                    ));
+                }
+            }
+        }
+        self.node_gone(p);
+    }
+
     /// Component `p`'s bytes go towards the peer on `conn`, split at random
     /// points, each piece after a random latency but in order.
     fn node_sends(&mut self, p: usize, conn: ConnId, data: Bytes) {
@@ -1087,10 +1195,12 @@ impl World {
                 End::Client => "client",
             };
             let (from, to) = (name(l.sender(dir)), name(l.receiver(dir)));
+            let lbs = self.procs[l.server].kind == Kind::Lbs;
             let h = l.half_mut(dir);
             let wire = data.clone();
-            self.trace
-                .event(self.q.now(), "wire", &[key, len], || describe_wire(&mut h.tap, dir, &wire, from, to));
+            self.trace.event(self.q.now(), "wire", &[key, len], || {
+                describe_wire(&mut h.tap, dir, &wire, from, to, lbs)
+            });
         }
         let h = l.half_mut(dir);
         for (at, piece) in h.pipe.send(&mut self.net_rng, now, self.drawn.net_latency_us, data) {
@@ -1125,9 +1235,7 @@ impl World {
     }
 
     fn deliver_to_client(&mut self, link: u64, data: Bytes, tainted: bool) {
-        if self.client_link != Some(link) {
-            return;
-        }
+        let Some(slot) = self.slot_of(link) else { return };
         let Some(l) = self.links.get_mut(&link) else { return };
         let conn = l.id;
         l.decoder.push(&data);
@@ -1143,11 +1251,11 @@ impl World {
             let now = self.q.now();
             self.last_progress_ns = now.nanos;
             let id = packet.id;
-            let result = self.client.on_packet(packet, tainted, now.nanos);
+            let result = self.client.on_packet(slot, packet, tainted, now.nanos);
             let note = self.client.take_response_note();
             self.trace.event(now, "response", &[id], || match note {
-                Some(note) => format!("client: {conn} response {id:#x}: {note}"),
-                None => format!("client: {conn} response {id:#x}"),
+                Some(note) => format!("client {slot}: {conn} response {id:#x}: {note}"),
+                None => format!("client {slot}: {conn} response {id:#x}"),
             });
             if let Err(e) = result {
                 return self.fail(e);
@@ -1212,9 +1320,35 @@ impl World {
             }
             self.note_damage();
         }
+        let n = self.client_links.len();
+        if self.liveness_since.is_some() && !self.procs[0].accepting {
+            // At the mux's limit, a client that is through the liveness
+            // phase leaves to make room for one that is not connected.
+            let waiting = (0..n).any(|s| self.client_links[s].is_none() && !self.client.liveness_done_for(s));
+            let leaver =
+                (0..n).find(|s| self.client_links[*s].is_some() && self.client.liveness_done_for(*s));
+            if let (true, Some(slot)) = (waiting, leaver) {
+                self.probe("sim: clients left to make room at the mux's limit");
+                self.disconnect_client(slot, ConnClosed::PeerClosed);
+            }
+        }
+        // A different client goes first each time (fair use of the budget).
+        let first = if n > 1 { self.work_rng.below(n as u64) as usize } else { 0 };
+        for i in 0..n {
+            let slot = (first + i) % n;
+            if self.quiet && slot != 0 {
+                continue; // the read-back is client 0's
+            }
+            self.client_acts(slot);
+        }
+    }
+
+    /// Client `slot` connects if it is not connected and the front
+    /// component accepts, then sends what it wants to.
+    fn client_acts(&mut self, slot: usize) {
         let mut out = BytesMut::new();
         let now = self.q.now();
-        if self.client_link.is_none() {
+        if self.client_links[slot].is_none() {
             let front = &self.procs[0];
             if !front.accepting || front.node.is_none() {
                 return;
@@ -1226,35 +1360,37 @@ impl World {
             let name = front.name();
             let n = self.client_connections;
             self.trace.event(now, "connect", &[id.0], || {
-                format!("client -> {name}: {id} (the client's connection {n} in its history)")
+                format!("client {slot} -> {name}: {id} (connection {n} of the run)")
             });
             self.links.insert(id.0, Link::new(id, 0, front.inc, End::Client, 0));
-            self.client_link = Some(id.0);
+            self.client_links[slot] = Some(id.0);
             self.input(0, Input::Accepted { conn: id });
-            if self.client_link.is_none() {
+            if self.client_links[slot].is_none() {
                 return;
             }
-            self.client.on_connected(&mut out);
+            self.client.on_connected(slot, &mut out);
         }
-        self.client.issue(&mut self.work_rng, now.nanos, &mut out);
+        self.client.issue(slot, &mut self.work_rng, now.nanos, &mut out);
         for id in self.client.take_issued() {
             let client = &self.client;
-            self.trace.event(now, "request", &[id], || format!("client: {}", client.describe_request(id)));
+            self.trace.event(now, "request", &[id], || {
+                format!("client {slot}: {}", client.describe_request(slot, id))
+            });
         }
         if !out.is_empty() {
             let (len, in_flight) = (out.len() as u64, self.client.in_flight() as u64);
             self.trace.event(now, "client-send", &[len, in_flight], || {
-                format!("{len} bytes of requests, {in_flight} in flight")
+                format!("client {slot}: {len} bytes of requests, {in_flight} in flight in all")
             });
-            self.client_sends(out.freeze());
+            self.client_sends(slot, out.freeze());
         }
     }
 
-    /// The client's bytes go towards the front component, split and
+    /// Client `slot`'s bytes go towards the front component, split and
     /// delayed, in order.
-    fn client_sends(&mut self, data: Bytes) {
+    fn client_sends(&mut self, slot: usize, data: Bytes) {
         let now = self.now();
-        let Some(key) = self.client_link else { return };
+        let Some(key) = self.client_links[slot] else { return };
         let Some(l) = self.links.get_mut(&key) else { return };
         for (at, piece) in l.to_server.pipe.send(&mut self.net_rng, now, self.drawn.net_latency_us, data) {
             self.q.at(
@@ -1266,14 +1402,19 @@ impl World {
 }
 
 /// The messages in `data`, sent from `from` to `to` in `dir` between two
-/// nodes, readable (lbs requests decoded; responses by id and status).
-/// `tap` holds a message split across sends.
-fn describe_wire(tap: &mut PacketDecoder, dir: Dir, data: &Bytes, from: &str, to: &str) -> String {
+/// nodes, readable (requests decoded, as lbs's if `lbs` is the server, else
+/// as kvlds's; responses by id and status). `tap` holds a message split
+/// across sends.
+fn describe_wire(tap: &mut PacketDecoder, dir: Dir, data: &Bytes, from: &str, to: &str, lbs: bool) -> String {
     tap.push(data);
     let mut parts = Vec::new();
     while let Ok(Some(packet)) = tap.next_packet() {
         let (id, len) = (packet.id, packet.record.len());
         parts.push(match dir {
+            Dir::ToServer if !lbs => match KvldsRequest::decode(packet.record) {
+                Ok(r) => format!("{id:#x} {:?}", r.kind()),
+                Err(e) => format!("{id:#x} undecodable ({e})"),
+            },
             Dir::ToServer => match LbsRequest::decode(packet.record) {
                 Ok(LbsRequest::Get { block }) => format!("{id:#x} GET {block}"),
                 Ok(LbsRequest::Append { count, start, .. }) => format!("{id:#x} APPEND {count} at {start}"),

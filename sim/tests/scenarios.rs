@@ -22,6 +22,10 @@ const CI_SEEDS: u64 = 100;
 /// room for the node to grow.
 const KVLDS_CI_SEEDS: u64 = 300;
 
+/// Seeds per full-stack scenario (`full-*.toml`: clients -> mux -> kvlds
+/// -> lbs) in `cargo test`; a run costs about what a kvlds one does.
+const FULL_CI_SEEDS: u64 = 300;
+
 fn scenarios_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
 }
@@ -83,8 +87,8 @@ fn every_scenario_file_is_in_a_ci_sweep() {
     for path in scenario_files(&scenarios_dir()).unwrap() {
         let name = path.file_name().unwrap().to_str().unwrap();
         assert!(
-            name.starts_with("lbs-") || name.starts_with("kvlds-"),
-            "{name}: CI sweeps lbs-*.toml and kvlds-*.toml only; name it so, or add a sweep"
+            name.starts_with("lbs-") || name.starts_with("kvlds-") || name.starts_with("full-"),
+            "{name}: CI sweeps lbs-*.toml, kvlds-*.toml and full-*.toml only; name it so, or add a sweep"
         );
         Scenario::load(&path).unwrap();
     }
@@ -161,12 +165,48 @@ fn every_kvlds_scenario_passes_its_ci_seeds_twice_alike_and_reaches_every_probe(
             "sim: client reconnections",
             "sim: upstream reconnections",
             "sim: node timers fired",
+            "sim: liveness phases passed",
             "kvlds: exited after its upstream closed",
             "lbs: stopped after a failed fsync",
             "lbs: torn tail cut at recovery",
             "disk: failed_fsyncs",
             "disk: eio_reads",
             "disk: rotted",
+            "disk: misdirected",
+        ],
+        &probes,
+    );
+}
+
+#[test]
+fn every_full_stack_scenario_passes_its_ci_seeds_twice_alike_and_reaches_every_probe() {
+    let (files, failures, probes) = sweep_ci("full-", FULL_CI_SEEDS);
+    assert!(files >= 3, "full-stack scenarios missing: {files} found");
+    assert!(failures.is_empty(), "{} failing seeds:\n{}", failures.len(), failures.join("\n"));
+    assert_reached(
+        &[
+            // The mux's hard paths (its own counters).
+            "mux.requests_forwarded",
+            "mux.responses_routed",
+            "mux.responses_dropped",
+            "mux.clients_gone_with_requests",
+            // Every component under faults, and the clients through them.
+            "sim: mux crashes",
+            "sim: kvlds crashes",
+            "sim: lbs crashes",
+            "mux: exited after its upstream closed",
+            "kvlds: exited after its upstream closed",
+            "sim: connection resets",
+            "sim: client reconnections",
+            "sim: upstream reconnections",
+            "sim: clients left to make room at the mux's limit",
+            "sim: liveness phases passed",
+            "kvlds.commits",
+            "kvlds.splits",
+            "kvlds.merges",
+            "kvlds.waits_for_pages",
+            "lbs: stopped after a failed fsync",
+            "disk: failed_fsyncs",
             "disk: misdirected",
         ],
         &probes,
