@@ -25,6 +25,8 @@ struct Cli {
 enum Command {
     /// Run the store (lbs, kvlds and mux in one process) until Ctrl-C.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(kivaloo_io_shim::cli::ClientCommand),
 }
 
 #[derive(Args, Debug)]
@@ -101,6 +103,7 @@ fn main() {
     let cli = Cli::parse();
     let status = match cli.command {
         Command::Serve(args) => run_serve(args),
+        Command::Client(cmd) => kivaloo_io_shim::cli::run(cmd),
     };
     std::process::exit(status);
 }
