@@ -65,6 +65,7 @@ pub struct ConnHandle {
     writer: mpsc::UnboundedSender<WriterMsg>,
     shared: Arc<Shared>,
     reader: tokio::task::JoinHandle<()>,
+    writer_task: tokio::task::AbortHandle,
 }
 
 impl ConnHandle {
@@ -103,7 +104,7 @@ impl ConnHandle {
         });
 
         let (writer, mut writer_rx) = mpsc::unbounded_channel::<WriterMsg>();
-        tokio::spawn(async move {
+        let writer_task = tokio::spawn(async move {
             let mut gathered = BytesMut::new();
             while let Some(first) = writer_rx.recv().await {
                 // Gather what is already queued into one write.
@@ -159,7 +160,8 @@ impl ConnHandle {
                 }
             }
         });
-        ConnHandle { peer, writer, shared, reader }
+        let writer_task = writer_task.abort_handle();
+        ConnHandle { peer, writer, shared, reader, writer_task }
     }
 
     /// Queues bytes to send.
@@ -192,8 +194,19 @@ impl ConnHandle {
 impl Drop for ConnHandle {
     /// The reader may be parked waiting for room; stop it, so that it does
     /// not hold the socket open after the connection is gone. The writer
-    /// ends once its queue is closed (this handle held the only sender).
+    /// ends once its queue is closed (this handle held the only sender),
+    /// or, if it is stuck writing to a peer that does not read, is stopped
+    /// [`CLOSE_FLUSH_TIMEOUT`] from now, dropping the socket and whatever
+    /// was queued: a connection the node is done with holds no memory for
+    /// longer than that.
     fn drop(&mut self) {
         self.reader.abort();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let writer = self.writer_task.clone();
+            rt.spawn(async move {
+                tokio::time::sleep(CLOSE_FLUSH_TIMEOUT).await;
+                writer.abort();
+            });
+        }
     }
 }

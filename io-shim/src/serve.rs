@@ -78,7 +78,8 @@ pub async fn serve(opts: ServeOptions) -> Result<ExitReason, String> {
             data_dir: Some(opts.data_dir.clone()),
             disk_readers: opts.disk_readers,
             upstream: None,
-            exit_after_one_connection: false,
+            // Its one client is kvlds: when kvlds stops, so does lbs.
+            exit_after_one_connection: true,
             on_ready: None,
         },
     );
@@ -90,7 +91,8 @@ pub async fn serve(opts: ServeOptions) -> Result<ExitReason, String> {
             data_dir: None,
             disk_readers: 0,
             upstream: Some(Upstream { stream: kvlds_up, peer: "lbs (in process)".into() }),
-            exit_after_one_connection: false,
+            // Its one client is the mux: when the mux stops, so does kvlds.
+            exit_after_one_connection: true,
             on_ready: None,
         },
     );
@@ -112,16 +114,60 @@ pub async fn serve(opts: ServeOptions) -> Result<ExitReason, String> {
         },
     );
     let (lbs_exit, kvlds_exit, mux_exit) = tokio::join!(lbs, kvlds, mux);
-    // The connection pipes drop with the nodes that own them, so one node
-    // stopping ends the others: each future above finishes.
+    // The pipes drop with the nodes that own them, so one node stopping
+    // ends the others: lbs stopping closes kvlds's upstream, and kvlds the
+    // mux's (each exits); the mux stopping ends kvlds's one connection,
+    // and kvlds lbs's (each exits after its one connection).
     let exits = [("lbs", lbs_exit), ("kvlds", kvlds_exit), ("mux", mux_exit)];
     for (name, exit) in &exits {
         let level = if exit.failure { LogLevel::Warn } else { LogLevel::Info };
         log(name, level, &format!("stopped: {}", exit.message));
     }
-    if let Some((_, orderly)) = exits.iter().find(|(_, e)| !e.failure) {
-        return Ok(orderly.clone());
+    Ok(overall_exit(&exits))
+}
+
+/// What the three nodes' exits mean together: an orderly stop if a signal
+/// stopped one of them (the others may then have seen a connection end
+/// first); otherwise the first failure in stack order (lbs, kvlds, mux: a
+/// failure below explains those above it), if any.
+fn overall_exit(exits: &[(&str, ExitReason)]) -> ExitReason {
+    if let Some((_, signalled)) =
+        exits.iter().find(|(_, e)| !e.failure && e.message.starts_with("stopping on SIG"))
+    {
+        return signalled.clone();
     }
-    let (name, first) = &exits.iter().find(|(_, e)| e.failure).expect("three exits");
-    Ok(ExitReason { failure: true, message: format!("{name}: {}", first.message) })
+    match exits.iter().find(|(_, e)| e.failure) {
+        Some((name, first)) => ExitReason { failure: true, message: format!("{name}: {}", first.message) },
+        None => {
+            exits.first().map_or(ExitReason { failure: false, message: "stopped".into() }, |(_, e)| e.clone())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exit(failure: bool, message: &str) -> ExitReason {
+        ExitReason { failure, message: message.into() }
+    }
+
+    #[test]
+    fn a_signal_is_an_orderly_stop_and_otherwise_the_lowest_failure_wins() {
+        let sig = overall_exit(&[
+            ("lbs", exit(false, "stopping on SIGINT")),
+            ("kvlds", exit(true, "the connection to lbs closed")),
+            ("mux", exit(false, "stopping on SIGINT")),
+        ]);
+        assert!(!sig.failure);
+        // kvlds found a corrupt page: lbs then stops after its one
+        // connection (not a failure of its own), the mux after its upstream.
+        let corrupt = overall_exit(&[
+            ("lbs", exit(false, "exiting after one connection (-1)")),
+            ("kvlds", exit(true, "page 7 is corrupt")),
+            ("mux", exit(true, "the upstream connection closed")),
+        ]);
+        assert!(corrupt.failure);
+        assert_eq!(corrupt.message, "kvlds: page 7 is corrupt");
+    }
 }

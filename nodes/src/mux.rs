@@ -20,20 +20,30 @@ use std::collections::BTreeMap;
 
 use bytes::BytesMut;
 use kivaloo::contract::{ConnClosed, ConnId, ExitReason, Input, Instant, LogLevel, Node, Output};
-use kivaloo::kvlds_proto::{KvldsRequest, KvldsRequestKind, KvldsResponse, REQUEST_RECORD_LEN_MAX};
+use kivaloo::kvlds_proto::{
+    KvldsRequest, KvldsRequestKind, KvldsResponse, REQUEST_RECORD_LEN_MAX, SHORT_STRING_LEN_MAX,
+};
 use kivaloo::packet::{encode_packet, PacketDecoder, RECORD_LEN_MAX};
 
 /// Requests of one client in flight upstream at once. At the bound the mux
 /// stops reading from that client (kivaloo's clients keep at most 4096 in
 /// flight).
 pub const CLIENT_IN_FLIGHT_MAX: usize = 4096;
-/// Response bytes sent to one client and not yet reported written. Above
-/// this the mux stops reading that client's requests.
+/// Response bytes sent to one client and not yet reported written, plus
+/// the room reserved for the answers to its requests in flight (see
+/// [`answer_bytes_reserved`]). At this bound the mux stops reading that
+/// client's requests, so that a client that does read never has more
+/// than this (and one request's reservation) held for it.
 pub const CLIENT_UNSENT_BYTES_MAX: u64 = 4 << 20;
-/// Response bytes waiting for one client that does not read: past this the
-/// client is dropped (its answers already in flight upstream cannot be
-/// refused, so this is what bounds them).
+/// Response bytes waiting for one client: past this the client is dropped.
+/// Only an upstream that answers beyond the reservations (a RANGE over
+/// kvlds's own 1 MiB) can get here with a client that reads.
 pub const CLIENT_UNSENT_BYTES_DROP: u64 = 64 << 20;
+/// The most a RANGE answer is expected to hold in pairs (kvlds's cap; a
+/// larger budget is reserved as this).
+pub const RANGE_ANSWER_BYTES_MAX: u64 = 1 << 20;
+/// Packet framing (16-byte header, 4-byte trailer).
+const PACKET_OVERHEAD_BYTES: u64 = 20;
 /// Request bytes sent upstream and not yet reported written (kvlds stops
 /// reading when its own queue is full). At the bound the mux stops reading
 /// from every client until half of it has drained.
@@ -86,16 +96,35 @@ struct Client {
     in_flight: usize,
     /// Response bytes sent to it and not yet reported written.
     unsent_bytes: u64,
+    /// Room reserved for the answers to its requests in flight.
+    reserved_bytes: u64,
     /// Whether the driver delivers its bytes (the last `ReadInterest`).
     reading: bool,
     /// Responses gathered for one `Output::Send`.
     out: BytesMut,
 }
 
-/// Where a response goes: the client and the ID it used.
+/// Where a response goes: the client and the ID it used, and the room
+/// reserved for the answer.
 struct Route {
     conn: ConnId,
     id: u64,
+    reserved_bytes: u64,
+}
+
+/// The room reserved for the answer to `request`: the largest answer a
+/// kvlds sends to it (a RANGE: its budget, up to 1 MiB, plus the one pair
+/// it returns past the budget, `next`, the count and status).
+pub fn answer_bytes_reserved(request: &KvldsRequest) -> u64 {
+    let short_string_max = 1 + SHORT_STRING_LEN_MAX as u64;
+    PACKET_OVERHEAD_BYTES
+        + match request {
+            KvldsRequest::Range { max_bytes, .. } => {
+                u64::from(*max_bytes).min(RANGE_ANSWER_BYTES_MAX) + 3 * short_string_max + 8
+            }
+            KvldsRequest::Get { .. } => 4 + short_string_max,
+            _ => 8,
+        }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +152,8 @@ pub struct MuxNode {
     upstream_unsent_bytes: u64,
     /// Every client is paused until the upstream drains.
     upstream_paused: bool,
+    /// The client that went first the last time paused clients resumed.
+    resume_cursor: ConnId,
     outputs: std::collections::VecDeque<Output>,
     probes: MuxProbes,
 }
@@ -144,10 +175,13 @@ impl MuxNode {
             upstream_out: BytesMut::new(),
             upstream_unsent_bytes: 0,
             upstream_paused: false,
+            resume_cursor: ConnId(0),
             outputs: Default::default(),
             probes: MuxProbes::default(),
         };
         KvldsRequest::Params.encode(PARAMS_ID, &mut node.upstream_out);
+        node.upstream_unsent_bytes = node.upstream_out.len() as u64;
+        node.log(LogLevel::Info, "asking the upstream for its key and value limits".into());
         node.flush();
         node
     }
@@ -189,7 +223,11 @@ impl MuxNode {
 
     fn accept(&mut self, conn: ConnId) {
         if self.phase != Phase::Serving || self.clients.len() >= self.config.connections_max {
-            let reason = format!("mux: at its limit of {} connections", self.config.connections_max);
+            let reason = if self.phase == Phase::Serving {
+                format!("mux: at its limit of {} connections", self.config.connections_max)
+            } else {
+                "mux: not serving yet (waiting for kvlds's limits)".to_string()
+            };
             self.outputs.push_back(Output::Close { conn, reason });
             return;
         }
@@ -200,6 +238,7 @@ impl MuxNode {
                 decoder: PacketDecoder::with_record_len_max(REQUEST_RECORD_LEN_MAX),
                 in_flight: 0,
                 unsent_bytes: 0,
+                reserved_bytes: 0,
                 reading: true,
                 out: BytesMut::new(),
             },
@@ -242,7 +281,7 @@ impl MuxNode {
             let Some(c) = self.clients.get_mut(&conn) else { return };
             let room = !self.upstream_paused
                 && c.in_flight < CLIENT_IN_FLIGHT_MAX
-                && c.unsent_bytes < CLIENT_UNSENT_BYTES_MAX;
+                && c.unsent_bytes + c.reserved_bytes < CLIENT_UNSENT_BYTES_MAX;
             if !room {
                 return self.set_reading(conn, false);
             }
@@ -258,10 +297,12 @@ impl MuxNode {
             if let Some(why) = request.over_limits(self.key_len_max, self.value_len_max) {
                 return self.drop_client(conn, format!("mux: request {:#x}: {why}", packet.id));
             }
+            let reserved_bytes = answer_bytes_reserved(&request);
             c.in_flight += 1;
+            c.reserved_bytes += reserved_bytes;
             let up_id = self.next_upstream_id;
             self.next_upstream_id += 1;
-            self.routes.insert(up_id, Route { conn, id: packet.id });
+            self.routes.insert(up_id, Route { conn, id: packet.id, reserved_bytes });
             let before = self.upstream_out.len();
             encode_packet(&mut self.upstream_out, up_id, &packet.record);
             self.upstream_unsent_bytes += (self.upstream_out.len() - before) as u64;
@@ -278,15 +319,33 @@ impl MuxNode {
     }
 
     /// Resumes every client once the upstream has drained to half its
-    /// bound.
+    /// bound, starting after the client that went first last time, so
+    /// that no client is always last to fill the upstream.
     fn maybe_resume(&mut self) {
         if self.upstream_paused && self.upstream_unsent_bytes <= UPSTREAM_UNSENT_BYTES_MAX / 2 {
             self.upstream_paused = false;
-            let conns: Vec<ConnId> = self.clients.keys().copied().collect();
+            let conns = self.clients_from_cursor(|_| true);
             for conn in conns {
                 self.forward_requests(conn);
             }
         }
+    }
+
+    /// The clients that `keep` selects, in connection order starting just
+    /// after the one that went first last time (which moves on).
+    fn clients_from_cursor(&mut self, keep: impl Fn(&Client) -> bool) -> Vec<ConnId> {
+        let start = ConnId(self.resume_cursor.0.saturating_add(1));
+        let conns: Vec<ConnId> = self
+            .clients
+            .range(start..)
+            .chain(self.clients.range(..start))
+            .filter(|(_, c)| keep(c))
+            .map(|(conn, _)| *conn)
+            .collect();
+        if let Some(first) = conns.first() {
+            self.resume_cursor = *first;
+        }
+        conns
     }
 
     fn upstream_bytes(&mut self, data: &[u8]) {
@@ -327,17 +386,19 @@ impl MuxNode {
                 continue;
             };
             c.in_flight -= 1;
+            c.reserved_bytes -= route.reserved_bytes;
             let before = c.out.len();
             encode_packet(&mut c.out, route.id, &packet.record);
             c.unsent_bytes += (c.out.len() - before) as u64;
             self.probes.responses_routed += 1;
             let unsent_bytes = c.unsent_bytes;
+            let held_bytes = unsent_bytes + c.reserved_bytes;
             if unsent_bytes > CLIENT_UNSENT_BYTES_DROP {
                 self.drop_client(
                     route.conn,
                     format!("mux: over {CLIENT_UNSENT_BYTES_DROP} bytes of responses waiting; the client does not read"),
                 );
-            } else if unsent_bytes >= CLIENT_UNSENT_BYTES_MAX {
+            } else if held_bytes >= CLIENT_UNSENT_BYTES_MAX {
                 self.set_reading(route.conn, false);
             }
         }
@@ -368,8 +429,7 @@ impl Node for MuxNode {
             Input::Received { conn, data } if conn == ConnId::UPSTREAM => {
                 self.upstream_bytes(&data);
                 // Answers free room in paused clients' windows.
-                let paused: Vec<ConnId> =
-                    self.clients.iter().filter(|(_, c)| !c.reading).map(|(conn, _)| *conn).collect();
+                let paused = self.clients_from_cursor(|c| !c.reading);
                 for conn in paused {
                     self.forward_requests(conn);
                 }

@@ -7,8 +7,8 @@ use kivaloo::contract::{ConnClosed, ConnId, Input, Instant, Node, Output};
 use kivaloo::kvlds_proto::{KvldsRequest, KvldsRequestKind, KvldsResponse};
 use kivaloo::packet::{encode_packet, Packet, PacketDecoder};
 use kivaloo_nodes::mux::{
-    MuxConfig, MuxNode, CLIENT_IN_FLIGHT_MAX, CLIENT_UNSENT_BYTES_DROP, CLIENT_UNSENT_BYTES_MAX,
-    UPSTREAM_UNSENT_BYTES_MAX,
+    answer_bytes_reserved, MuxConfig, MuxNode, CLIENT_IN_FLIGHT_MAX, CLIENT_UNSENT_BYTES_DROP,
+    CLIENT_UNSENT_BYTES_MAX, UPSTREAM_UNSENT_BYTES_MAX,
 };
 
 const A: ConnId = ConnId(1);
@@ -46,6 +46,7 @@ impl Harness {
         let sent = h.upstream_requests();
         assert_eq!(sent.len(), 1);
         assert_eq!(KvldsRequest::decode(sent[0].record.clone()).unwrap(), KvldsRequest::Params);
+        h.input(Input::Sent { conn: ConnId::UPSTREAM, len_bytes: 24 });
         h.answer(sent[0].id, &KvldsResponse::Params { max_key_len: 64, max_value_len: 96 });
         assert!(h.accepting);
         h
@@ -342,13 +343,14 @@ fn every_client_waits_while_the_upstream_does_not_take_requests() {
 }
 
 #[test]
-fn a_client_that_does_not_read_is_paused_then_dropped() {
+fn answers_have_room_reserved_so_a_slow_reader_is_paused_not_dropped() {
     let mut h = Harness::serving(MuxConfig::default());
     h.connect(A);
-    h.connect(B);
+    // 1 MiB of pairs: the most an answer to a 1 MiB budget holds, but for
+    // the one pair past the budget.
     let big = KvldsResponse::Range {
         next: Bytes::new(),
-        pairs: (0..4000u32)
+        pairs: (0..4096u32)
             .map(|i| (Bytes::from(i.to_be_bytes().to_vec()), Bytes::from(vec![0; 250])))
             .collect(),
     };
@@ -358,26 +360,54 @@ fn a_client_that_does_not_read_is_paused_then_dropped() {
             .encode(id, &mut out);
     }
     h.input(Input::Received { conn: A, data: out.freeze() });
+    // Four answers of up to 1 MiB fill the client's 4 MiB.
     let up = h.upstream_requests();
-    assert_eq!(up.len(), 400);
-    h.send(B, 1, &get(b"b"));
-    let up_b = h.upstream_requests();
-    let mut answered = 0u64;
+    assert_eq!(up.len(), 4);
+    assert_eq!(h.reading.get(&A), Some(&false));
     for p in &up {
         h.answer(p.id, &big);
-        answered += 1;
-        if answered * 1_000_000 > CLIENT_UNSENT_BYTES_MAX {
-            assert_eq!(h.reading.get(&A), Some(&false), "paused above its unsent bound");
-        }
+    }
+    assert!(h.upstream_requests().is_empty(), "the answers wait for the client: it stays paused");
+    let unsent: u64 = h.client_responses(A).iter().map(|p| p.record.len() as u64 + 20).sum();
+    let one_range = answer_bytes_reserved(&KvldsRequest::Range {
+        max_bytes: 1 << 20,
+        start: Bytes::new(),
+        end: Bytes::new(),
+    });
+    assert!(unsent <= CLIENT_UNSENT_BYTES_MAX + one_range, "held for the client: {unsent} bytes");
+    h.input(Input::Sent { conn: A, len_bytes: unsent });
+    assert_eq!(h.upstream_requests().len(), 4, "written answers make room for more");
+    assert!(h.closed.is_empty());
+}
+
+#[test]
+fn a_client_is_dropped_when_answers_beyond_any_reservation_pile_up() {
+    let mut h = Harness::serving(MuxConfig::default());
+    h.connect(A);
+    h.connect(B);
+    for id in 0..5 {
+        h.send(A, id, &get(b"a"));
+    }
+    h.send(B, 1, &get(b"b"));
+    let up = h.upstream_requests();
+    assert_eq!(up.len(), 6);
+    // An upstream that answers far beyond what a GET can be (20 MiB each).
+    let huge = vec![0u8; 20 << 20];
+    for p in &up[..5] {
+        let mut out = BytesMut::new();
+        encode_packet(&mut out, p.id, &huge);
+        h.input(Input::Received { conn: ConnId::UPSTREAM, data: out.freeze() });
         if !h.closed.is_empty() {
             break;
         }
     }
     assert_eq!(h.closed.len(), 1);
     assert_eq!(h.closed[0].0, A);
-    assert!(answered * 1_000_000 <= CLIENT_UNSENT_BYTES_DROP + 2_000_000);
+    assert!(h.closed[0].1.contains("does not read"), "{}", h.closed[0].1);
+    assert!(h.mux.probes().clients_dropped == 1);
     // B is unaffected.
-    h.answer(up_b[0].id, &KvldsResponse::Get(None));
+    h.answer(up[5].id, &KvldsResponse::Get(None));
     assert_eq!(h.client_responses(B).len(), 1);
     assert!(h.exit.is_none());
+    let _ = CLIENT_UNSENT_BYTES_DROP;
 }
