@@ -31,6 +31,8 @@ pub struct ServeOptions {
     pub block_size: u32,
     /// kvlds's page cache, in bytes.
     pub cache_bytes: Option<u64>,
+    /// kvlds `-S`: storage cost over I/O cost, pacing background cleaning.
+    pub storage_io_cost_ratio: f64,
     /// mux `-n`.
     pub connections_max: usize,
     /// lbs disk reader threads.
@@ -84,7 +86,11 @@ pub async fn serve(opts: ServeOptions) -> Result<ExitReason, String> {
         },
     );
     let kvlds = run_node(
-        KvldsNode::new(KvldsConfig { cache_bytes_max: opts.cache_bytes, ..KvldsConfig::default() }),
+        KvldsNode::new(KvldsConfig {
+            cache_bytes_max: opts.cache_bytes,
+            storage_io_cost_ratio: opts.storage_io_cost_ratio,
+            ..KvldsConfig::default()
+        }),
         vec![kvlds_listener],
         RunOptions {
             name: "kvlds",

@@ -149,6 +149,9 @@ enum Mode {
     Shrink,
     /// A bit of everything.
     Mixed,
+    /// SETs of the fixed key set, a few GETs: the steady update load of
+    /// the space oracle (the only mode when the workload asks for it).
+    Update,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -189,6 +192,17 @@ fn weights(mode: Mode) -> [(Pick, u64); 9] {
             (Get, 20),
             (Range, 13),
             (Params, 2),
+        ],
+        Mode::Update => [
+            (Set, 90),
+            (Add, 0),
+            (Modify, 0),
+            (Cas, 0),
+            (Delete, 0),
+            (Cad, 0),
+            (Get, 10),
+            (Range, 0),
+            (Params, 0),
         ],
         Mode::Mixed => [
             (Set, 18),
@@ -652,10 +666,21 @@ impl KvldsClient {
         }
     }
 
+    /// Workload requests to send before the final check.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Makes the workload steady updates of the key set (SETs and a few
+    /// GETs) from the start.
+    pub fn updates_only(&mut self) {
+        self.mode = Mode::Update;
+    }
+
     /// Issues one workload request; false if none can go now (its key has
     /// too many calls in flight, or too many RANGEs are).
     fn issue_one(&mut self, slot: usize, rng: &mut Stream, now_ns: u64, out: &mut BytesMut) -> bool {
-        if self.mode_left == 0 {
+        if self.mode_left == 0 && self.mode != Mode::Update {
             if self.stats.requests > 0 {
                 self.mode = [Mode::Grow, Mode::Shrink, Mode::Mixed][rng.below(3) as usize];
             }
@@ -700,7 +725,7 @@ impl KvldsClient {
                 self.send_call(slot, k, op, now_ns, out);
             }
         }
-        self.mode_left -= 1;
+        self.mode_left = self.mode_left.saturating_sub(1);
         self.stats.requests += 1;
         true
     }

@@ -82,6 +82,19 @@ impl Running {
         }
     }
 
+    /// kvlds's count of its tree's pages (when cleaning is on and counted).
+    pub fn kvlds_tree_pages(&self) -> Option<(u64, u64)> {
+        match self {
+            Running::Kvlds(n) => n.tree_pages().map(|p| (p, n.log_blocks())),
+            _ => None,
+        }
+    }
+
+    /// Whether kvlds is writing a commit that carries cleaned leaves.
+    pub fn cleaning_in_flight(&self) -> bool {
+        matches!(self, Running::Kvlds(n) if n.cleaning_in_flight())
+    }
+
     /// The node's own probe counters, by name (kvlds's `KvldsProbes`,
     /// prefixed `kvlds.`, and mux's `MuxProbes`, prefixed `mux.`); lbs's
     /// are recognised in its log instead.

@@ -63,6 +63,9 @@ pub struct SweepReport {
     pub failures: Vec<Failure>,
     /// Probe counts summed over the sweep.
     pub probes: std::collections::BTreeMap<String, u64>,
+    /// The space oracle's largest ratio over the sweep's runs (stored
+    /// bytes over the tree's bytes), if any run checked it.
+    pub space_ratio_max: Option<f64>,
 }
 
 /// The scenario files in `dir` (not in subdirectories), sorted.
@@ -108,6 +111,9 @@ pub fn sweep(files: &[PathBuf], seeds: Option<u64>, jobs: usize) -> Result<Sweep
                 r.crashes += outcome.crashes;
                 r.power_losses += outcome.power_losses;
                 r.ended_by_damage += u64::from(outcome.corruption_reported);
+                if let Some(x) = outcome.space_ratio_max {
+                    r.space_ratio_max = Some(r.space_ratio_max.map_or(x, |m: f64| m.max(x)));
+                }
                 for (name, n) in &outcome.probes {
                     *r.probes.entry(name.clone()).or_default() += n;
                 }

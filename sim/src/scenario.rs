@@ -72,6 +72,24 @@ pub struct WorkloadSpec {
     /// 1): below 1.0 some clients wait for others to leave.
     #[serde(default = "default_mux_connections")]
     pub mux_connections: [f64; 2],
+    /// kvlds `-S` (storage cost over I/O cost, which paces background
+    /// cleaning), drawn per seed: log-uniformly when both ends are above
+    /// 0, else uniformly; `[0, 0]` (the default) turns cleaning off.
+    /// Virtual runs last seconds, not months, so scenarios that clean use
+    /// values far above a real store's.
+    #[serde(default)]
+    pub storage_cost: [f64; 2],
+    /// kvlds workload: only SETs (and a few GETs) of the fixed key set,
+    /// the steady update load the space oracle is stated for.
+    #[serde(default)]
+    pub updates_only: bool,
+    /// The space oracle: once half the requests are done, lbs's files
+    /// must never hold more than this many times the bytes of the tree's
+    /// pages (as lbs records), plus two files' worth (the oldest file is
+    /// deleted only once all of it is free, the newest fills up). Needs
+    /// cleaning on (`storage_cost`).
+    #[serde(default)]
+    pub space_factor: Option<f64>,
 }
 
 fn default_clients() -> [u64; 2] {
@@ -173,6 +191,8 @@ pub struct KvldsDrawn {
     pub clients: u64,
     /// mux `-n` (when a mux runs).
     pub mux_connections_max: u64,
+    /// kvlds `-S`.
+    pub storage_cost: f64,
 }
 
 impl Scenario {
@@ -199,6 +219,14 @@ impl Scenario {
         }
         if s.workload.block_sizes.is_empty() || s.workload.in_flight[0] == 0 {
             return Err("workload needs block sizes and at least one request in flight".into());
+        }
+        if s.workload.space_factor.is_some()
+            && (s.workload.kind != "kvlds" || s.workload.storage_cost[0] <= 0.0)
+        {
+            return Err("space_factor needs a kvlds workload with cleaning on (storage_cost above 0)".into());
+        }
+        if s.workload.storage_cost.iter().any(|c| !c.is_finite() || *c < 0.0) {
+            return Err("storage_cost must be finite and not negative".into());
         }
         if s.workload.kind == "kvlds" && (s.workload.keys[0] == 0 || s.workload.cache_pages[0] == 0) {
             return Err("a kvlds workload needs at least one key and one cache page".into());
@@ -272,6 +300,10 @@ impl Scenario {
             let [lo, hi] = w.mux_connections;
             let fraction = rng.f64_in(lo.min(hi), lo.max(hi));
             let mux_connections_max = ((clients as f64 * fraction).ceil() as u64).max(1);
+            let [lo, hi] =
+                [w.storage_cost[0].min(w.storage_cost[1]), w.storage_cost[0].max(w.storage_cost[1])];
+            let storage_cost =
+                if lo > 0.0 { rng.f64_in(lo.ln(), hi.ln()).exp().clamp(lo, hi) } else { rng.f64_in(lo, hi) };
             KvldsDrawn {
                 keys,
                 cache_pages,
@@ -281,6 +313,7 @@ impl Scenario {
                 timer_late_us,
                 clients,
                 mux_connections_max,
+                storage_cost,
             }
         });
         Drawn {

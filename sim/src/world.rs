@@ -111,6 +111,9 @@ pub struct Outcome {
     /// recognised in lbs's log, kvlds's own counters, every disk fault
     /// injected, crashes.
     pub probes: BTreeMap<String, u64>,
+    /// Space oracle scenarios: the most lbs's files held, over the bytes
+    /// of the tree's pages as lbs records, once it was checked.
+    pub space_ratio_max: Option<f64>,
 }
 
 /// lbs log lines that mark a hard path, and the probe each counts for.
@@ -142,6 +145,7 @@ impl Outcome {
             damaged: false,
             corruption_reported: false,
             probes: BTreeMap::new(),
+            space_ratio_max: None,
         }
     }
 }
@@ -194,6 +198,12 @@ pub struct World {
     /// When the client last heard from the store (virtual ns).
     last_progress_ns: u64,
     tick_scheduled: bool,
+    /// The space oracle's factor, if the scenario states one.
+    space_factor: Option<f64>,
+    /// lbs's `file_len_min_bytes` and record length.
+    file_len_min_bytes: u64,
+    record_len_bytes: u64,
+    space_ratio_max: Option<f64>,
     /// Damage records already mapped to blocks (lbs chain).
     damage_noted: usize,
     probes: BTreeMap<String, u64>,
@@ -228,6 +238,7 @@ impl World {
                         cache_pages_max: Some(k.cache_pages),
                         commit_delay_ns: k.commit_delay_us * US,
                         commit_forced_requests: k.commit_forced_requests,
+                        storage_io_cost_ratio: k.storage_cost,
                         check_invariants: true,
                         ..KvldsConfig::default()
                     };
@@ -261,6 +272,9 @@ impl World {
                 );
                 if keep_trace {
                     c.keep_notes();
+                }
+                if w.updates_only {
+                    c.updates_only();
                 }
                 Client::Kvlds(c)
             }
@@ -298,6 +312,10 @@ impl World {
             upstream_connections: 0,
             last_progress_ns: 0,
             tick_scheduled: false,
+            space_factor: w.space_factor,
+            file_len_min_bytes: lbs_cfg.file_len_min_bytes,
+            record_len_bytes: rec,
+            space_ratio_max: None,
             damage_noted: 0,
             probes: BTreeMap::new(),
         }
@@ -460,6 +478,39 @@ impl World {
             node_exits: self.node_exits,
             damaged,
             corruption_reported: self.ended_by_damage,
+            space_ratio_max: self.space_ratio_max,
+        }
+    }
+
+    /// The space oracle (scenarios with `space_factor`): once the workload
+    /// is half done, and until faults stop, lbs's files hold at most the
+    /// factor times the tree's pages (as lbs records) plus two files.
+    fn check_space(&mut self) {
+        let Some(factor) = self.space_factor else { return };
+        if self.faults_off {
+            return;
+        }
+        let Client::Kvlds(c) = &self.client else { return };
+        if c.stats.requests * 2 < c.budget() {
+            return;
+        }
+        let Some((tree_pages, log_blocks)) =
+            self.procs.iter().find_map(|p| p.node.as_ref().and_then(|n| n.kvlds_tree_pages()))
+        else {
+            return;
+        };
+        let stored = self.disk().stored_bytes();
+        let live = tree_pages * self.record_len_bytes;
+        let ratio = stored as f64 / live.max(1) as f64;
+        self.space_ratio_max = Some(self.space_ratio_max.map_or(ratio, |m| m.max(ratio)));
+        let allowed = factor * live as f64 + 2.0 * self.file_len_min_bytes as f64;
+        if stored as f64 > allowed {
+            self.fail(format!(
+                "space: lbs holds {stored} bytes for a tree of {tree_pages} pages ({live} bytes as records; \
+                 kvlds's log spans {log_blocks} blocks): \
+                 {ratio:.2} times, above the {factor} times (plus two files of {} bytes) allowed",
+                self.file_len_min_bytes
+            ));
         }
     }
 
@@ -846,6 +897,9 @@ impl World {
     /// restarts later.
     fn crash(&mut self, p: usize, power: bool) {
         let now = self.q.now();
+        if self.procs.iter().any(|q| q.node.as_ref().is_some_and(|n| n.cleaning_in_flight())) {
+            *self.probes.entry("sim: crashes during a cleaning commit".into()).or_default() += 1;
+        }
         if self.procs[p].node.is_some() {
             self.procs[p].kill();
             self.procs[p].crashes += 1;
@@ -1315,6 +1369,7 @@ impl World {
     }
 
     fn client_tick(&mut self) {
+        self.check_space();
         if self.lbs_only() {
             let damaged = self.disk_damaged();
             if let Client::Lbs(c) = &mut self.client {

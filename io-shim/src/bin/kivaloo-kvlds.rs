@@ -47,7 +47,8 @@ struct Flags {
     /// Pidfile (default: <socket>.pid).
     #[arg(short = 'p', value_name = "pidfile")]
     pidfile: Option<PathBuf>,
-    /// Relative cost of storage to I/O, for background cleaning.
+    /// Cost of a GB-month of storage over the cost of 10^6 I/Os, which
+    /// paces background cleaning (0 turns it off; default 1.0).
     #[arg(short = 'S', value_name = "storage:I/O cost", value_parser = parse_cost_ratio)]
     storage_io_cost_ratio: Option<f64>,
     /// How long, in seconds, a modifying request may wait for others to
@@ -100,11 +101,9 @@ fn main() {
         value_len_max: flags.value_len_max,
         commit_delay_ns: flags.commit_delay_ns.unwrap_or(defaults.commit_delay_ns),
         commit_forced_requests: flags.commit_forced_requests.unwrap_or(defaults.commit_forced_requests),
+        storage_io_cost_ratio: flags.storage_io_cost_ratio.unwrap_or(defaults.storage_io_cost_ratio),
         check_invariants: false,
     };
-    // Background cleaning is not built yet; its cost ratio is accepted so
-    // that kivaloo's command lines work unchanged.
-    let _storage_io_cost_ratio = flags.storage_io_cost_ratio;
 
     let role = daemonize(NAME, flags.foreground);
     let rt = match build_runtime() {

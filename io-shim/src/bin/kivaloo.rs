@@ -10,6 +10,7 @@ use kivaloo_io_shim::addr::SocketAddr;
 use kivaloo_io_shim::humansize::parse_size_bytes;
 use kivaloo_io_shim::runtime::{build_runtime, log};
 use kivaloo_io_shim::serve::{serve, ServeOptions};
+use kivaloo_nodes::kvlds::STORAGE_IO_COST_RATIO_DEFAULT;
 use kivaloo_nodes::lbs::layout::{BLOCK_SIZE_MAX, BLOCK_SIZE_MIN};
 use kivaloo_nodes::mux::CONNECTIONS_MAX_DEFAULT;
 
@@ -49,6 +50,20 @@ struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = CONNECTIONS_MAX_DEFAULT as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// Background cleaning's pace (kvlds -S): the cost of storing a GB for
+    /// a month over the cost of 10^6 I/Os. Higher cleans more and keeps
+    /// less garbage on disk; 0 turns cleaning off.
+    #[arg(long, value_name = "RATIO", default_value_t = STORAGE_IO_COST_RATIO_DEFAULT,
+          value_parser = parse_storage_cost)]
+    storage_cost: f64,
+}
+
+/// `--storage-cost`: a finite, non-negative number.
+fn parse_storage_cost(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a non-negative number")),
+    }
 }
 
 fn run_serve(args: ServeArgs) -> i32 {
@@ -65,6 +80,7 @@ fn run_serve(args: ServeArgs) -> i32 {
         listen: args.listen.iter().map(|a| SocketAddr::parse(a)).collect(),
         block_size: args.block_size,
         cache_bytes: args.cache,
+        storage_io_cost_ratio: args.storage_cost,
         connections_max: args.max_connections as usize,
         disk_readers: 16,
         on_ready: Some(|o| {

@@ -1,7 +1,9 @@
 //! The page cache: clean pages by block number, at most `pages_max` of
 //! them, evicted by the CLOCK algorithm (a second chance for pages used
 //! since the hand last passed). Pages are immutable and shared (`Rc`);
-//! nothing outside holds one across inputs, so any page may be evicted.
+//! nothing outside holds one across inputs, so any page may be evicted,
+//! except those the cleaner pinned: at most half the cache, until it
+//! unpins them all (after its next batch took what it needed).
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -12,6 +14,7 @@ use super::page::Page;
 struct Slot {
     page: Rc<Page>,
     referenced: bool,
+    pinned: bool,
 }
 
 /// A bounded cache of clean pages.
@@ -22,13 +25,22 @@ pub struct PageCache {
     slots: Vec<Slot>,
     hand: usize,
     evictions: u64,
+    /// Blocks pinned (some may have been removed since).
+    pinned: Vec<u64>,
 }
 
 impl PageCache {
     /// An empty cache holding at most `pages_max` pages (at least 1).
     pub fn new(pages_max: usize) -> Self {
         let pages_max = pages_max.max(1);
-        PageCache { pages_max, index: BTreeMap::new(), slots: Vec::new(), hand: 0, evictions: 0 }
+        PageCache {
+            pages_max,
+            index: BTreeMap::new(),
+            slots: Vec::new(),
+            hand: 0,
+            evictions: 0,
+            pinned: Vec::new(),
+        }
     }
 
     /// The bound.
@@ -58,14 +70,15 @@ impl PageCache {
     /// others if the cache is full. The new page is never the one evicted.
     pub fn insert(&mut self, page: Rc<Page>) {
         if let Some(&i) = self.index.get(&page.block) {
-            self.slots[i] = Slot { page, referenced: true };
+            let pinned = self.slots[i].pinned;
+            self.slots[i] = Slot { page, referenced: true, pinned };
             return;
         }
         if self.slots.len() >= self.pages_max {
             self.evict_one();
         }
         self.index.insert(page.block, self.slots.len());
-        self.slots.push(Slot { page, referenced: true });
+        self.slots.push(Slot { page, referenced: true, pinned: false });
         assert!(self.slots.len() <= self.pages_max, "page cache above its bound");
     }
 
@@ -82,12 +95,48 @@ impl PageCache {
         }
     }
 
+    /// Pins the cached page of `block` so that it is not evicted until
+    /// [`PageCache::unpin_all`]; whether it is pinned (not when it is not
+    /// cached, or when half the cache is pinned already).
+    pub fn pin(&mut self, block: u64) -> bool {
+        let Some(&i) = self.index.get(&block) else { return false };
+        if self.slots[i].pinned {
+            return true;
+        }
+        if self.pinned.len() >= self.pages_max / 2 {
+            return false;
+        }
+        self.slots[i].pinned = true;
+        self.pinned.push(block);
+        true
+    }
+
+    /// Pages that may still be pinned.
+    pub fn pins_left(&self) -> usize {
+        self.pages_max / 2 - self.pinned.len()
+    }
+
+    /// Unpins every pinned page.
+    pub fn unpin_all(&mut self) {
+        for block in std::mem::take(&mut self.pinned) {
+            if let Some(&i) = self.index.get(&block) {
+                self.slots[i].pinned = false;
+            }
+        }
+    }
+
+    /// At most half the slots are pinned, so a victim is found within two
+    /// turns of the hand.
     fn evict_one(&mut self) {
         loop {
             if self.hand >= self.slots.len() {
                 self.hand = 0;
             }
             let slot = &mut self.slots[self.hand];
+            if slot.pinned {
+                self.hand += 1;
+                continue;
+            }
             if slot.referenced {
                 slot.referenced = false;
                 self.hand += 1;
@@ -135,6 +184,35 @@ mod tests {
         one.insert(page(2));
         assert_eq!(one.len(), 1);
         assert!(one.get(2).is_some());
+    }
+
+    #[test]
+    fn pinned_pages_survive_eviction_until_unpinned_and_at_most_half_are() {
+        let mut c = PageCache::new(4);
+        for b in 0..4 {
+            c.insert(page(b));
+        }
+        assert!(c.pin(0) && c.pin(1));
+        assert!(!c.pin(2), "half the cache is pinned already");
+        assert!(!c.pin(99), "not cached");
+        assert_eq!(c.pins_left(), 0);
+        for b in 10..50 {
+            c.insert(page(b));
+            assert!(c.len() <= 4);
+        }
+        assert!(c.get(0).is_some() && c.get(1).is_some());
+        c.unpin_all();
+        assert_eq!(c.pins_left(), 2);
+        for b in 50..60 {
+            c.insert(page(b));
+        }
+        assert!(c.get(0).is_none() && c.get(1).is_none());
+        // A one-page cache pins nothing, so it can always evict.
+        let mut one = PageCache::new(1);
+        one.insert(page(1));
+        assert!(!one.pin(1));
+        one.insert(page(2));
+        assert_eq!(one.len(), 1);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! (so after its fsync). Then the new root becomes the committed tree.
 
 mod cache;
+pub mod clean;
 pub mod page;
 mod read;
 mod recovery;
@@ -27,6 +28,7 @@ use kivaloo::lbs_proto::{LbsRequest, LbsRequestKind, LbsResponse, NO_LAST_BLOCK}
 use kivaloo::packet::PacketDecoder;
 
 use cache::PageCache;
+use clean::{Census, CensusStep, Pacing};
 use page::{Page, PAGE_HEADER_LEN};
 use read::{Descent, RangeScan};
 use recovery::{Scan, ScanStep};
@@ -59,6 +61,9 @@ pub const BLOCK_SIZE_MAX: u32 = 131_072;
 pub const BLOCK_NUMBER_MAX: u64 = 1 << 62;
 /// Default page cache size when neither `-C` nor `-c` is given.
 pub const CACHE_BYTES_DEFAULT: u64 = 128 << 20;
+/// Default `-S` (kivaloo's): storing a GB for a month costs as much as
+/// 10^6 I/Os.
+pub const STORAGE_IO_COST_RATIO_DEFAULT: f64 = 1.0;
 
 /// How a kvlds node is configured (kivaloo's `kvlds` flags).
 #[derive(Debug, Clone)]
@@ -78,6 +83,10 @@ pub struct KvldsConfig {
     /// `-g`: a batch is started at once when this many modifying requests
     /// are waiting, whatever `commit_delay_ns` says.
     pub commit_forced_requests: u64,
+    /// `-S`: the cost of storing a GB for a month over the cost of 10^6
+    /// I/Os, which paces background cleaning (see [`clean`]); 0 turns
+    /// cleaning off.
+    pub storage_io_cost_ratio: f64,
     /// Check the tree's structure (balance, key order, page sizes) and the
     /// cache bound after every commit, panicking on a violation (a bug in
     /// this code). On in tests and in the simulator.
@@ -93,6 +102,7 @@ impl Default for KvldsConfig {
             value_len_max: None,
             commit_delay_ns: 0,
             commit_forced_requests: 4096,
+            storage_io_cost_ratio: STORAGE_IO_COST_RATIO_DEFAULT,
             check_invariants: cfg!(debug_assertions),
         }
     }
@@ -129,6 +139,16 @@ pub struct KvldsProbes {
     pub recoveries_skipped_tail: u64,
     /// FREE requests sent to lbs.
     pub frees: u64,
+    /// Leaves copied into a commit by the cleaner.
+    pub leaves_cleaned: u64,
+    /// Commits that carried cleaned leaves.
+    pub cleaning_commits: u64,
+    /// Commits of cleaned leaves alone (no client request waited).
+    pub cleaning_only_commits: u64,
+    /// Pages read for cleaning.
+    pub cleaning_reads: u64,
+    /// Censuses of the tree after recovery completed.
+    pub censuses: u64,
 }
 
 /// The key and value limits for `block_size`: kivaloo's defaults (512+:
@@ -171,6 +191,8 @@ enum Phase {
     Params,
     /// Looking for the newest valid root.
     Recovering(Box<Scan>),
+    /// Counting the tree's pages (for cleaning) before serving.
+    Counting(Box<Census>),
     /// Serving clients.
     Serving,
     /// Exited; inputs are ignored.
@@ -195,6 +217,8 @@ struct Load {
     batch: bool,
     prefetch: bool,
     recovery: bool,
+    census: bool,
+    cleaning: bool,
 }
 
 /// The client connection.
@@ -257,6 +281,13 @@ struct Batch {
     rebalancing: bool,
     /// Clean pages the batch replaced (dropped from the cache once it commits).
     superseded: Vec<u64>,
+    /// Whether the cleaner has had its turn in this batch.
+    cleaning_done: bool,
+    /// Leaves the cleaner copied in.
+    leaves_cleaned: u64,
+    /// Pages below this block count as cleaned when the batch replaces
+    /// them (the cleaning threshold when it started).
+    clean_below: u64,
 }
 
 /// The kvlds state machine. It is built with its upstream connection to
@@ -288,6 +319,16 @@ pub struct KvldsNode {
     queue: VecDeque<QueuedWrite>,
     batch: Option<Batch>,
     probes: KvldsProbes,
+    pacing: Pacing,
+    /// Pages in the committed tree (`None` until counted after recovery,
+    /// and while cleaning is off).
+    tree_pages: Option<u64>,
+    /// Pages being read for cleaning.
+    cleaning_reads: usize,
+    /// Whether cleaning found leaves in the cache for a batch of its own.
+    cleaning_ready: bool,
+    /// When the cleaner next looks at its debt if nothing else happens.
+    clean_tick_due: Instant,
 }
 
 impl KvldsNode {
@@ -318,6 +359,11 @@ impl KvldsNode {
             queue: VecDeque::new(),
             batch: None,
             probes: KvldsProbes::default(),
+            pacing: Pacing::new(0.0),
+            tree_pages: None,
+            cleaning_reads: 0,
+            cleaning_ready: false,
+            clean_tick_due: Instant::default(),
         };
         node.upstream(LbsRequest::Params2, UpRequest::Params2);
         node.flush();
@@ -329,6 +375,18 @@ impl KvldsNode {
         let mut p = self.probes;
         p.evictions = self.cache.evictions();
         p
+    }
+
+    /// Whether a commit carrying cleaned leaves is being written (for the
+    /// simulator's coverage of crashes in the middle of cleaning).
+    pub fn cleaning_in_flight(&self) -> bool {
+        self.batch.as_ref().is_some_and(|b| b.writing.is_some() && b.leaves_cleaned > 0)
+    }
+
+    /// Pages in the committed tree, once counted (`None` while cleaning is
+    /// off or before the census after recovery).
+    pub fn tree_pages(&self) -> Option<u64> {
+        self.tree_pages
     }
 
     /// Clean pages in the page cache now.
@@ -402,6 +460,9 @@ impl KvldsNode {
         if load.prefetch {
             self.prefetches -= 1;
         }
+        if load.cleaning {
+            self.cleaning_reads -= 1;
+        }
         if load.recovery {
             if let Phase::Recovering(scan) = &mut self.phase {
                 scan.arrived(block, data);
@@ -411,7 +472,7 @@ impl KvldsNode {
             // found: reads and the batch may have joined it.
         }
         // Readers of a client that left are gone from `reads`.
-        let needed = load.readers.iter().any(|id| self.reads.contains_key(id)) || load.batch;
+        let needed = load.readers.iter().any(|id| self.reads.contains_key(id)) || load.batch || load.census;
         let Some(data) = data else {
             if needed {
                 return self.exit(format!("block {block} is part of the tree, but lbs does not have it"));
@@ -430,7 +491,19 @@ impl KvldsNode {
             }
         };
         self.probes.page_reads += 1;
-        self.cache.insert(page);
+        self.cache.insert(page.clone());
+        if load.census {
+            if let Phase::Counting(census) = &mut self.phase {
+                if let Err(stall) = census.arrived(&page) {
+                    return self.stalled_on_corruption(stall);
+                }
+                return self.count_tree();
+            }
+        }
+        if load.cleaning {
+            self.probes.cleaning_reads += 1;
+            self.cache.pin(block);
+        }
         for id in load.readers {
             self.continue_read(id);
             if self.stopped() {
@@ -441,6 +514,16 @@ impl KvldsNode {
             self.run_batch();
         } else if load.prefetch {
             self.prefetch();
+        }
+        if load.cleaning && self.cleaning_reads == 0 && !self.stopped() {
+            self.clean_step();
+        }
+    }
+
+    fn stalled_on_corruption(&mut self, stall: Stall) {
+        match stall {
+            Stall::Corrupt { block, why } => self.exit(format!("block {block} is corrupt: {why}")),
+            Stall::NeedPage(block) => self.exit(format!("block {block} was needed where none may be")),
         }
     }
 
@@ -484,13 +567,45 @@ impl KvldsNode {
                         }
                     }
                     self.next_block = next_block;
-                    self.phase = Phase::Serving;
-                    self.maybe_free();
-                    self.outputs.push_back(Output::Accepting(true));
-                    return;
+                    if self.pacing.enabled() {
+                        self.phase = Phase::Counting(Box::new(Census::new(self.committed)));
+                        return self.count_tree();
+                    }
+                    return self.start_serving();
                 }
             }
         }
+    }
+
+    /// Moves the census of the tree on; serves once it is done.
+    fn count_tree(&mut self) {
+        let Phase::Counting(census) = &mut self.phase else { return };
+        match census.step(&mut self.cache) {
+            Ok(CensusStep::Read(blocks)) => {
+                for block in blocks {
+                    self.load(block, |l| l.census = true);
+                }
+            }
+            Ok(CensusStep::Wait) => {}
+            Ok(CensusStep::Done(pages)) => {
+                self.probes.censuses += 1;
+                self.log(LogLevel::Info, format!("the tree has {pages} pages; cleaning is on"));
+                self.tree_pages = Some(pages);
+                self.start_serving();
+            }
+            Err(stall) => self.stalled_on_corruption(stall),
+        }
+    }
+
+    fn start_serving(&mut self) {
+        self.phase = Phase::Serving;
+        self.clean_tick_due = self.now.after_ns(clean::CLEAN_TICK_NS);
+        if let Some(n) = self.tree_pages {
+            // The cleaner's accounts start now.
+            self.pacing.accrue(self.now, self.log_blocks(), n);
+        }
+        self.maybe_free();
+        self.outputs.push_back(Output::Accepting(true));
     }
 
     fn params_arrived(&mut self, block_size: u32, next_block: u64, last_block: u64) {
@@ -508,6 +623,8 @@ impl KvldsNode {
             Err(e) => return self.exit(format!("cannot start: {e}")),
         };
         self.block_size = block_size;
+        self.pacing =
+            Pacing::new(clean::cleans_per_garbage_block_per_s(self.config.storage_io_cost_ratio, block_size));
         self.key_len_max = k;
         self.value_len_max = v;
         let pages = match (self.config.cache_pages_max, self.config.cache_bytes_max) {
@@ -713,21 +830,32 @@ impl KvldsNode {
 
     // ---- writes ----
 
+    /// Starts a batch when modifying requests are due (`-w`, `-g`), or
+    /// when none waits and the cleaner has leaves ready.
     fn maybe_start_batch(&mut self) {
         if self.batch.is_some() || !matches!(self.phase, Phase::Serving) {
             return;
         }
-        let Some(first) = self.queue.front() else { return };
-        let due = first.arrived.after_ns(self.config.commit_delay_ns);
-        if (self.queue.len() as u64) < self.config.commit_forced_requests && self.now < due {
-            return;
+        match self.queue.front() {
+            Some(first) => {
+                let due = first.arrived.after_ns(self.config.commit_delay_ns);
+                if (self.queue.len() as u64) < self.config.commit_forced_requests && self.now < due {
+                    return;
+                }
+            }
+            None if self.cleaning_ready => {}
+            None => return,
         }
+        self.cleaning_ready = false;
         self.batch = Some(Batch {
             tree: DirtyTree::new(self.committed, self.block_size),
             answers: Vec::new(),
             writing: None,
             rebalancing: false,
             superseded: Vec::new(),
+            cleaning_done: false,
+            leaves_cleaned: 0,
+            clean_below: self.clean_threshold(),
         });
         self.run_batch();
     }
@@ -763,13 +891,21 @@ impl KvldsNode {
                     Err(stall) => return self.batch_stalled(batch, stall),
                 }
             }
-            if !batch.tree.modified {
+            if !batch.tree.modified && !batch.answers.is_empty() {
                 // Nothing changed: every answer rests on the committed
-                // (durable) tree alone.
+                // (durable) tree alone, whatever cleaning adds below.
                 self.probes.empty_batches += 1;
-                for (generation, req_id, done) in batch.answers {
+                for (generation, req_id, done) in std::mem::take(&mut batch.answers) {
                     self.answer(generation, req_id, &KvldsResponse::Done(done));
                 }
+            }
+            if !batch.cleaning_done {
+                batch.cleaning_done = true;
+                if !self.clean_into(&mut batch) {
+                    return;
+                }
+            }
+            if !batch.tree.modified {
                 return self.maybe_start_batch();
             }
             batch.rebalancing = true;
@@ -812,6 +948,106 @@ impl KvldsNode {
         );
         batch.writing = Some((pages, commit.root));
         self.batch = Some(batch);
+    }
+
+    // ---- cleaning ----
+
+    /// Blocks from the oldest the committed tree reaches to the newest.
+    pub fn log_blocks(&self) -> u64 {
+        self.committed.map_or(0, |r| self.next_block.saturating_sub(r.child.oldest_block))
+    }
+
+    /// Leaves below this block are old enough to clean (0 while cleaning
+    /// is off): [`clean::clean_threshold`].
+    fn clean_threshold(&self) -> u64 {
+        self.tree_pages.map_or(0, |n| clean::clean_threshold(self.next_block, n))
+    }
+
+    /// The cleaner's turn in a batch, after its client requests: copies in
+    /// the oldest leaves owed that are in the cache. False if the node
+    /// stopped (corruption found).
+    fn clean_into(&mut self, batch: &mut Batch) -> bool {
+        let (Some(tree_pages), Some(root)) = (self.tree_pages, self.committed) else { return true };
+        self.pacing.accrue(self.now, self.log_blocks(), tree_pages);
+        let want = self.pacing.owed();
+        if want == 0 {
+            return true;
+        }
+        let sel = match clean::oldest_leaves(
+            &mut self.cache,
+            root,
+            batch.clean_below,
+            want,
+            clean::CLEAN_READS_MAX,
+        ) {
+            Ok(sel) => sel,
+            Err(stall) => {
+                self.stalled_on_corruption(stall);
+                return false;
+            }
+        };
+        for (key, block) in &sel.leaves {
+            if self.batch_full(&batch.tree) {
+                break;
+            }
+            match batch.tree.touch(key, *block, &mut self.cache) {
+                Ok(true) => batch.leaves_cleaned += 1,
+                Ok(false) => {}
+                Err(stall) => {
+                    self.stalled_on_corruption(stall);
+                    return false;
+                }
+            }
+        }
+        self.cache.unpin_all();
+        self.read_for_cleaning(&sel.missing);
+        true
+    }
+
+    /// Between batches: brings the debt up to date, pins the oldest leaves
+    /// found in the cache (and the pages above them) for the next batch,
+    /// reads those that are not, and starts a batch of cleaning alone when
+    /// no client request waits.
+    fn clean_step(&mut self) {
+        if !matches!(self.phase, Phase::Serving) {
+            return;
+        }
+        let (Some(tree_pages), Some(root)) = (self.tree_pages, self.committed) else { return };
+        self.clean_tick_due = self.now.after_ns(clean::CLEAN_TICK_NS);
+        self.pacing.accrue(self.now, self.log_blocks(), tree_pages);
+        let want = self.pacing.owed();
+        if want == 0 {
+            return;
+        }
+        let threshold = self.clean_threshold();
+        let sel = match clean::oldest_leaves(&mut self.cache, root, threshold, want, clean::CLEAN_READS_MAX) {
+            Ok(sel) => sel,
+            Err(stall) => return self.stalled_on_corruption(stall),
+        };
+        self.cache.unpin_all();
+        for &block in sel.leaves.iter().map(|(_, b)| b).chain(&sel.internal) {
+            self.cache.pin(block);
+        }
+        self.read_for_cleaning(&sel.missing);
+        if !sel.leaves.is_empty() && self.batch.is_none() && self.queue.is_empty() {
+            self.cleaning_ready = true;
+            self.maybe_start_batch();
+        }
+    }
+
+    /// Reads pages the cleaner wants (a few at once, and no more than a
+    /// quarter of the cache).
+    fn read_for_cleaning(&mut self, blocks: &[u64]) {
+        let reads_max = clean::CLEAN_READS_MAX.min(self.cache.pages_max() / 4 + 1);
+        for &block in blocks {
+            if self.cleaning_reads >= reads_max {
+                break;
+            }
+            if !self.loads.contains_key(&block) {
+                self.cleaning_reads += 1;
+                self.load(block, |l| l.cleaning = true);
+            }
+        }
     }
 
     fn batch_stalled(&mut self, batch: Batch, stall: Stall) {
@@ -879,6 +1115,24 @@ impl KvldsNode {
         self.next_block = next_block;
         self.committed = Some(root);
         self.probes.commits += 1;
+        if batch.leaves_cleaned > 0 {
+            self.probes.cleaning_commits += 1;
+            self.probes.leaves_cleaned += batch.leaves_cleaned;
+            if batch.answers.is_empty() {
+                self.probes.cleaning_only_commits += 1;
+            }
+        }
+        if let Some(n) = self.tree_pages {
+            let replaced = batch.superseded.len() as u64;
+            assert!(
+                !self.config.check_invariants || replaced <= n,
+                "a commit replaced {replaced} pages of a tree of {n}"
+            );
+            let n = n.saturating_sub(replaced) + pages.len() as u64;
+            self.tree_pages = Some(n);
+            let old_pages_replaced = batch.superseded.iter().filter(|&&b| b < batch.clean_below).count();
+            self.pacing.paid(old_pages_replaced as u64, n);
+        }
         for block in std::mem::take(&mut batch.superseded) {
             self.cache.remove(block);
         }
@@ -890,6 +1144,7 @@ impl KvldsNode {
         }
         self.maybe_free();
         self.maybe_start_batch();
+        self.clean_step();
     }
 
     /// Tells lbs it may delete blocks below the oldest page still reachable
@@ -991,6 +1246,9 @@ impl Node for KvldsNode {
             }
             Input::Timeout => self.maybe_start_batch(),
         }
+        if !self.stopped() && self.tree_pages.is_some() && self.now >= self.clean_tick_due {
+            self.clean_step();
+        }
         if !self.stopped() {
             // Answers may have freed room for more requests.
             self.process_requests();
@@ -1006,10 +1264,25 @@ impl Node for KvldsNode {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        if self.batch.is_some() || !matches!(self.phase, Phase::Serving) {
+        if !matches!(self.phase, Phase::Serving) {
             return None;
         }
-        let first = self.queue.front()?;
-        Some(first.arrived.after_ns(self.config.commit_delay_ns))
+        let commit_due = match (&self.batch, self.queue.front()) {
+            (None, Some(first)) => Some(first.arrived.after_ns(self.config.commit_delay_ns)),
+            _ => None,
+        };
+        // While there are leaves old enough to clean: when the next clean
+        // is owed, and no sooner than a tick after the cleaner last looked.
+        let clean_due = match (self.tree_pages, self.committed) {
+            (Some(n), Some(root)) if root.child.oldest_block < self.clean_threshold() => self
+                .pacing
+                .first_clean_owed_at(self.log_blocks().saturating_sub(n))
+                .map(|owed| owed.max(self.clean_tick_due)),
+            _ => None,
+        };
+        match (commit_due, clean_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }

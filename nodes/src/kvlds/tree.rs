@@ -227,6 +227,48 @@ impl DirtyTree {
         }
     }
 
+    /// Cleaning: copies the leaf in `block`, which `key` leads to, and the
+    /// path to it into the batch unchanged, so that the commit rewrites
+    /// them at the head of the log. Whether it did: nothing is copied when
+    /// that leaf is already dirty, when `key` leads elsewhere (the tree
+    /// changed since the leaf was chosen), or when a page on the way is not
+    /// in the cache (cleaning never makes a batch wait).
+    ///
+    /// # Errors
+    /// [`Stall::Corrupt`] for a page at the wrong level.
+    pub fn touch(&mut self, key: &[u8], block: u64, cache: &mut PageCache) -> Result<bool, Stall> {
+        // Look first, without copying anything.
+        let mut at = self.root;
+        let mut level = self.root_level;
+        while level > 0 {
+            let next = match at {
+                Child::Dirty(i) => match &self.node(i).body {
+                    DirtyBody::Internal { keys, children } => children[child_index(keys, key)],
+                    DirtyBody::Leaf(_) => unreachable!("levels above 0 are internal"),
+                },
+                Child::Clean(r) => {
+                    let Some(page) = cache.get(r.block) else { return Ok(false) };
+                    check_level(&page, level)?;
+                    match &page.body {
+                        PageBody::Internal { keys, children } => {
+                            Child::Clean(children[child_index(keys, key)])
+                        }
+                        PageBody::Leaf { .. } => unreachable!("check_level: an internal page"),
+                    }
+                }
+            };
+            at = next;
+            level -= 1;
+        }
+        match at {
+            Child::Clean(r) if r.block == block && cache.get(block).is_some() => {}
+            _ => return Ok(false),
+        }
+        self.leaf_for(key, cache)?;
+        self.modified = true;
+        Ok(true)
+    }
+
     /// Applies one modifying request; its answer (`true`: status 0).
     ///
     /// # Errors

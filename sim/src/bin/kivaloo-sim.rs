@@ -119,6 +119,9 @@ fn main() -> ExitCode {
             for (name, n) in &report.probes {
                 println!("  {n:>10}  {name}");
             }
+            if let Some(ratio) = report.space_ratio_max {
+                println!("space oracle: lbs held at most {ratio:.2} times the tree's pages");
+            }
             println!(
                 "{} runs of {} scenarios: {} simulated requests, {} crashes ({} power losses), {} ended by \
                  reported damage, in {secs:.2} s ({:.0} requests/s on {jobs} threads); {} failed",
