@@ -6,3 +6,4 @@
 pub mod kvlds;
 pub mod lbs;
 pub mod mux;
+pub mod perf;
