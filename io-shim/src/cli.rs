@@ -1,6 +1,8 @@
 //! The client subcommands of the `kivaloo` command line (`get`, `set`,
 //! `add`, `modify`, `cas`, `delete`, `cad`, `range`, `params`): one request
-//! (or one RANGE iteration) on one connection, for people and scripts.
+//! (or one RANGE iteration) on one connection, for people and scripts; and
+//! `dump` and `load` (a whole store to a file and back), which
+//! [`crate::dump`] runs.
 //!
 //! # Input
 //!
@@ -31,6 +33,11 @@
 //! | 3 | the store cannot be reached, the connection was lost or the store answered garbage; stderr says why and, for a request that modifies the store, whether it may have taken effect |
 //! | 4 | writing the output failed (e.g. a closed pipe, reported silently) |
 //!
+//! `dump` and `load` use the same statuses: 2 also for an existing dump
+//! file (without `--force`) and for a dump file that is truncated, corrupt
+//! or over the store's limits (nothing loaded); 4 for writing or reading
+//! the dump file (see [`crate::dump`]).
+//!
 //! A request that modifies the store is preceded by PARAMS, so that a key or
 //! value over the store's own limits (smaller than 255 bytes with small
 //! blocks or kvlds's `-k`/`-v`) is a usage error (2) instead of the store
@@ -47,6 +54,7 @@ use kivaloo::LogLevel;
 
 use crate::addr::SocketAddr;
 use crate::client::{Client, Effect, Error};
+use crate::dump::{DumpArgs, LoadArgs};
 use crate::runtime::{build_runtime, log};
 
 /// The exit status of a request that was done (or a key that was found).
@@ -84,10 +92,48 @@ pub struct Target {
     pub hex: bool,
 }
 
-/// The client subcommands: each sends one request to the store (`range`
-/// as many as it takes) and exits with a status saying how it went.
+const DUMP_AFTER_HELP: &str = "\
+The dump is written to FILE.tmp.PID in FILE's directory, synced, then named FILE: a file named \
+FILE is always a complete dump. It is not a point-in-time snapshot if other clients write \
+meanwhile: each page of pairs is read at once, but a pair changed after its page was read is \
+dumped as it was. The format has checksums and a trailer, so that `kivaloo load` refuses a \
+truncated or damaged dump.
+
+Exit status: 0 done; 2 usage error (FILE exists without --force); 3 the store cannot be reached, \
+the connection was lost or the store broke the protocol (FILE is not written); 4 writing FILE \
+failed.";
+
+const LOAD_AFTER_HELP: &str = "\
+FILE is read twice: first it is checked whole (format, checksums, counts, keys and values within \
+the store's limits), then every pair is SET, many at once. Pairs in the store that are not in \
+FILE are left alone.
+
+Exit status: 0 done; 2 usage error, or FILE is truncated, damaged or over the store's limits \
+(nothing was loaded); 3 the store cannot be reached, the connection was lost or the store broke \
+the protocol (stderr says how many pairs were stored; running the load again finishes it); 4 \
+reading FILE failed, or it changed during the load.";
+
+/// The client subcommands: each exits with a status saying how it went.
 #[derive(Subcommand, Debug, Clone)]
 pub enum ClientCommand {
+    #[command(flatten)]
+    Request(RequestCommand),
+    /// Write every pair of the store to FILE, a dump that `kivaloo load` reads.
+    ///
+    /// Prints a summary on stderr (pairs, bytes, seconds); on a terminal also the progress.
+    #[command(after_long_help = DUMP_AFTER_HELP)]
+    Dump(DumpArgs),
+    /// Store every pair of FILE, a dump written by `kivaloo dump`, in the store.
+    ///
+    /// Prints a summary on stderr (pairs, bytes, seconds); on a terminal also the progress.
+    #[command(after_long_help = LOAD_AFTER_HELP)]
+    Load(LoadArgs),
+}
+
+/// The subcommands that send one request to the store (`range` as many as
+/// it takes).
+#[derive(Subcommand, Debug, Clone)]
+pub enum RequestCommand {
     /// Print the value of KEY, followed by a newline.
     ///
     /// Exits 0 if KEY is present, 1 (printing nothing) if it is absent.
@@ -259,10 +305,20 @@ impl From<io::Error> for Failure {
     }
 }
 
-/// Runs a client subcommand: decodes its arguments, connects, sends the
-/// request, prints the answer on stdout and any failure on stderr. Returns
-/// the exit status (see the module docs).
+/// Runs a client subcommand. Returns the exit status (see the module
+/// docs).
 pub fn run(cmd: ClientCommand) -> i32 {
+    match cmd {
+        ClientCommand::Request(cmd) => run_request(cmd),
+        ClientCommand::Dump(args) => crate::dump::run_dump(&args),
+        ClientCommand::Load(args) => crate::dump::run_load(&args),
+    }
+}
+
+/// Runs a one-request subcommand: decodes its arguments, connects, sends
+/// the request, prints the answer on stdout and any failure on stderr.
+/// Returns the exit status (see the module docs).
+fn run_request(cmd: RequestCommand) -> i32 {
     let (target, request) = match decode(cmd) {
         Ok(r) => r,
         Err(msg) => {
@@ -310,7 +366,7 @@ pub fn run(cmd: ClientCommand) -> i32 {
 
 /// The subcommand's target and its request, the arguments decoded and
 /// checked against the protocol's 255-byte limit.
-fn decode(cmd: ClientCommand) -> Result<(Target, Request), String> {
+fn decode(cmd: RequestCommand) -> Result<(Target, Request), String> {
     fn arg(target: &Target, name: &str, a: &OsString) -> Result<Vec<u8>, String> {
         let bytes = if target.hex {
             let Some(s) = a.to_str() else {
@@ -333,36 +389,36 @@ fn decode(cmd: ClientCommand) -> Result<(Target, Request), String> {
         None => Ok(Vec::new()),
     };
     let request = match &cmd {
-        ClientCommand::Get { target: t, key } => Request::Get(arg(t, "KEY", key)?),
-        ClientCommand::Set { target: t, key, value } => {
+        RequestCommand::Get { target: t, key } => Request::Get(arg(t, "KEY", key)?),
+        RequestCommand::Set { target: t, key, value } => {
             Request::Set(arg(t, "KEY", key)?, arg(t, "VALUE", value)?)
         }
-        ClientCommand::Add { target: t, key, value } => {
+        RequestCommand::Add { target: t, key, value } => {
             Request::Add(arg(t, "KEY", key)?, arg(t, "VALUE", value)?)
         }
-        ClientCommand::Modify { target: t, key, value } => {
+        RequestCommand::Modify { target: t, key, value } => {
             Request::Modify(arg(t, "KEY", key)?, arg(t, "VALUE", value)?)
         }
-        ClientCommand::Cas { target: t, key, old, new } => {
+        RequestCommand::Cas { target: t, key, old, new } => {
             Request::Cas(arg(t, "KEY", key)?, arg(t, "OLD", old)?, arg(t, "NEW", new)?)
         }
-        ClientCommand::Delete { target: t, key } => Request::Delete(arg(t, "KEY", key)?),
-        ClientCommand::Cad { target: t, key, old } => Request::Cad(arg(t, "KEY", key)?, arg(t, "OLD", old)?),
-        ClientCommand::Range { target: t, start, end } => {
+        RequestCommand::Delete { target: t, key } => Request::Delete(arg(t, "KEY", key)?),
+        RequestCommand::Cad { target: t, key, old } => Request::Cad(arg(t, "KEY", key)?, arg(t, "OLD", old)?),
+        RequestCommand::Range { target: t, start, end } => {
             Request::Range(opt(t, "START", start)?, opt(t, "END", end)?)
         }
-        ClientCommand::Params { .. } => Request::Params,
+        RequestCommand::Params { .. } => Request::Params,
     };
     let target = match cmd {
-        ClientCommand::Get { target, .. }
-        | ClientCommand::Set { target, .. }
-        | ClientCommand::Add { target, .. }
-        | ClientCommand::Modify { target, .. }
-        | ClientCommand::Cas { target, .. }
-        | ClientCommand::Delete { target, .. }
-        | ClientCommand::Cad { target, .. }
-        | ClientCommand::Range { target, .. }
-        | ClientCommand::Params { target } => target,
+        RequestCommand::Get { target, .. }
+        | RequestCommand::Set { target, .. }
+        | RequestCommand::Add { target, .. }
+        | RequestCommand::Modify { target, .. }
+        | RequestCommand::Cas { target, .. }
+        | RequestCommand::Delete { target, .. }
+        | RequestCommand::Cad { target, .. }
+        | RequestCommand::Range { target, .. }
+        | RequestCommand::Params { target } => target,
     };
     Ok((target, request))
 }
@@ -376,15 +432,7 @@ async fn execute(
     out: &mut impl Write,
 ) -> Result<bool, Failure> {
     let name = request.name();
-    let client = Client::connect(addr).await.map_err(|e| {
-        let hint = match e.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                " (is `kivaloo serve` running and listening there?)"
-            }
-            _ => "",
-        };
-        Failure::Store(format!("cannot connect to the store at {addr}: {e}{hint}"))
-    })?;
+    let client = Client::connect(addr).await.map_err(|e| Failure::Store(connect_failure(addr, &e)))?;
     let lost = |e: Error| request_failure(name, addr, e);
     if let Some(write) = request.modifying() {
         // The store drops a connection whose request is over its limits:
@@ -432,6 +480,17 @@ async fn execute(
             Ok(true)
         }
     }
+}
+
+/// Why connecting to the store at `addr` failed with `e`, with a hint.
+pub(crate) fn connect_failure(addr: &SocketAddr, e: &io::Error) -> String {
+    let hint = match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            " (is `kivaloo serve` running and listening there?)"
+        }
+        _ => "",
+    };
+    format!("cannot connect to the store at {addr}: {e}{hint}")
 }
 
 /// The failure of request `name` with error `e`.
@@ -535,16 +594,16 @@ mod tests {
     #[test]
     fn decodes_and_checks_arguments() {
         let target = |hex| Target { socket: "s".to_string(), hex };
-        let get = |hex, key: &str| decode(ClientCommand::Get { target: target(hex), key: key.into() });
+        let get = |hex, key: &str| decode(RequestCommand::Get { target: target(hex), key: key.into() });
         assert_eq!(get(false, "k").unwrap().1, Request::Get(b"k".to_vec()));
         assert_eq!(get(true, "6b00").unwrap().1, Request::Get(b"k\0".to_vec()));
         assert!(get(true, "6").unwrap_err().contains("KEY \"6\" is not valid hex"));
         assert!(get(false, &"k".repeat(256)).unwrap_err().contains("KEY of 256 bytes"));
         assert!(get(false, &"k".repeat(255)).is_ok());
         assert!(get(true, &"00".repeat(256)).unwrap_err().contains("KEY of 256 bytes"));
-        let range = decode(ClientCommand::Range { target: target(false), start: None, end: None });
+        let range = decode(RequestCommand::Range { target: target(false), start: None, end: None });
         assert_eq!(range.unwrap().1, Request::Range(Vec::new(), Vec::new()));
-        let cas = ClientCommand::Cas {
+        let cas = RequestCommand::Cas {
             target: target(false),
             key: "k".into(),
             old: "o".into(),

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod daemon;
 pub mod dir_lock;
 pub mod disk;
+pub mod dump;
 pub mod humansize;
 pub mod runtime;
 pub mod serve;
