@@ -9,7 +9,7 @@ use kivaloo_io_shim::daemon::{daemonize, signal_ready, write_pidfile};
 use kivaloo_io_shim::dir_lock::DirLock;
 use kivaloo_io_shim::runtime::{build_runtime, check_data_dir, log, run_node, RunOptions};
 use kivaloo_nodes::lbs::layout::{BLOCK_SIZE_MAX, BLOCK_SIZE_MIN};
-use kivaloo_nodes::lbs::{LbsConfig, LbsNode};
+use kivaloo_nodes::lbs::{LbsConfig, LbsNode, FILE_LEN_MIN_BYTES_DEFAULT};
 
 const NAME: &str = "kivaloo-lbs";
 
@@ -44,6 +44,13 @@ struct Flags {
     /// Stay in the foreground (for service managers).
     #[arg(short = 'F')]
     foreground: bool,
+    /// Start a new file once the newest holds this many bytes (and more
+    /// than a sixteenth of the live blocks). Space that FREE releases
+    /// returns to the file system a whole file at a time, so smaller files
+    /// give it back sooner, at the cost of more files (not a kivaloo flag).
+    #[arg(long, value_name = "BYTES", default_value_t = FILE_LEN_MIN_BYTES_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    file_size_min: u64,
 }
 
 fn main() {
@@ -76,6 +83,7 @@ fn main() {
     let cfg = LbsConfig {
         read_latency_ns: flags.read_latency_ns,
         fsync: !flags.no_fsync,
+        file_len_min_bytes: flags.file_size_min,
         ..LbsConfig::new(flags.block_size)
     };
 
