@@ -2,8 +2,10 @@
 # Shows that the simulator's oracles are not vacuous: for each deliberate
 # bug below (lbs: the five of the simulator issue, and three a review of
 # the oracle found it missed at first; kvlds: the four of the kvlds issue,
-# and two a review of its oracle found it missed at first; mux: three of
-# routing, against the full-stack scenarios), patch a copy
+# and two a review of its oracle found it missed at first; cleaning: a
+# cleaned leaf that loses a pair, and a cleaner that never cleans, against
+# the space oracle's own scenario and seeds; mux: three of routing, against
+# the full-stack scenarios), patch a copy
 # of the tree, build the simulator, and sweep the scenarios of that component with the seed budget `cargo test` runs
 # (CI_SEEDS in sim/tests/scenarios.rs). Each bug must be caught; the first
 # failing seed is printed. Usage: bash ci/mutants.sh [seeds]
@@ -34,13 +36,17 @@ mutants=(
   "mux-no-id-rewrite|full|nodes/src/mux.rs|let up_id = self.next_upstream_id;|let up_id = packet.id;"
   "mux-misroutes-a-departed-clients-answers|full|nodes/src/mux.rs|            let Some(c) = self.clients.get_mut(&route.conn) else {\n                self.probes.responses_dropped += 1;\n                continue;\n            };|            let route = if self.clients.contains_key(&route.conn) { route } else { match self.clients.keys().next() { Some(other) => Route { conn: *other, id: route.id, reserved_bytes: 0 }, None => continue } };\n            let Some(c) = self.clients.get_mut(&route.conn) else { continue };"
   "mux-answers-with-the-upstream-id|full|nodes/src/mux.rs|encode_packet(&mut c.out, route.id, &packet.record);|encode_packet(&mut c.out, packet.id, &packet.record);"
+  "kvlds-cleaning-drops-a-pair|kvlds|nodes/src/kvlds/tree.rs|        self.leaf_for(key, cache)?;\n        self.modified = true;\n        Ok(true)|        let l = self.leaf_for(key, cache)?;\n        if let DirtyBody::Leaf(p) = &mut self.node_mut(l).body { p.pop(); }\n        self.modified = true;\n        Ok(true)"
+  "kvlds-cleaning-never-cleans|kvlds-space|nodes/src/kvlds/clean.rs|        if self.debt_cleans < 1.0 {|        if self.debt_cleans < f64::INFINITY {"
   "kvlds-recovery-takes-older-root|kvlds|nodes/src/kvlds/recovery.rs|let start = (last_block != NO_LAST_BLOCK).then_some(last_block);|let start = (last_block != NO_LAST_BLOCK).then_some(last_block.saturating_sub(1));"
 )
 
 # The unmutated tree must pass the same sweep, or a false failure would make
 # every mutant look caught.
 cargo build --release -q -p kivaloo-sim
-if ! "$CARGO_TARGET_DIR/release/kivaloo-sim" sweep scenarios --seeds "$seeds" >"$work/clean.log"; then
+mkdir "$work/clean" && grep -L '^space_factor' scenarios/*.toml | xargs cp -t "$work/clean/"
+if ! "$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/clean" --seeds "$seeds" >"$work/clean.log" \
+  || ! "$CARGO_TARGET_DIR/release/kivaloo-sim" sweep scenarios/kvlds-space.toml >>"$work/clean.log"; then
   echo "the unmutated tree fails the sweep:"; grep '^FAILED' "$work/clean.log"; exit 1
 fi
 
@@ -60,8 +66,15 @@ open(path, "w").write(text.replace(old, new))
 PY
   (cd "$work/tree" && cargo build --release -q -p kivaloo-sim 2>"$work/build.log") || {
     echo "$name: does not build"; cat "$work/build.log"; status=1; continue; }
-  rm -rf "$work/scenarios" && mkdir "$work/scenarios" && cp "$work/tree/scenarios/$prefix"-*.toml "$work/scenarios/"
-  out=$("$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/scenarios" --seeds "$seeds" || true)
+  rm -rf "$work/scenarios" && mkdir "$work/scenarios"
+  if [ "$prefix" = kvlds-space ]; then
+    # The space oracle's scenario: long runs, so its own few seeds.
+    cp "$work/tree/scenarios/kvlds-space.toml" "$work/scenarios/"
+    out=$("$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/scenarios" || true)
+  else
+    grep -L '^space_factor' "$work/tree/scenarios/$prefix"-*.toml | xargs cp -t "$work/scenarios/"
+    out=$("$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/scenarios" --seeds "$seeds" || true)
+  fi
   first=$(echo "$out" | grep -m1 '^FAILED:' || true)
   if [ -z "$first" ]; then
     printf '%-34s %s\n' "$name" "NOT CAUGHT"
