@@ -22,24 +22,64 @@
 //!
 //! # `kivaloo load --socket ADDR [--check] FILE`
 //!
-//! Reads FILE twice. The first pass checks all of it (format, every
-//! checksum, the trailer's counts) and finds its longest key and value;
-//! then PARAMS asks the store for its limits. A file that is not a complete,
-//! valid dump, or holds a key or value over the store's limits, is refused
-//! with the reason and its byte offset, before anything is sent. The second
-//! pass reads the file again (the same open file: renaming another file to
-//! FILE meanwhile does not matter) and SETs every pair,
-//! pipelined: up to the client's window
-//! ([`DEFAULT_IN_FLIGHT_MAX`](crate::client::DEFAULT_IN_FLIGHT_MAX)) at once.
-//! It checks everything again, and that the file is the one the first pass
-//! checked: a file changed in between stops the load, saying so. Pairs
-//! already in the store and not in the dump are left alone; a pair in both
-//! gets the dump's value. `--check` does the first pass only, connecting
-//! to nothing.
+//! FILE must be a regular file: it is read twice, and a FIFO would block
+//! its opening; anything else is refused before it is opened (exit 2).
 //!
-//! If the connection is lost during the load, the message says how many
-//! pairs the store acknowledged; SET is idempotent, so running the same
-//! load again finishes it.
+//! The first pass checks all of it (format, every checksum, the trailer's
+//! counts) and finds its longest key and value; on the way it records a
+//! *checkpoint* at the first chunk boundary at least
+//! [`CHECKPOINT_BYTES_MIN`] (32 KiB) after the previous one: where it is,
+//! and the CRC-32C of every byte before it. Then PARAMS asks the store for
+//! its limits. A file that is not a complete, valid dump, or holds a key or
+//! value over the store's limits, is refused with the reason and its byte
+//! offset, before anything is sent. `--check` does the first pass only,
+//! connecting to nothing.
+//!
+//! The second pass reads the same open file again (renaming another file
+//! to FILE meanwhile does not matter) and SETs every pair, pipelined: up to
+//! the client's window
+//! ([`DEFAULT_IN_FLIGHT_MAX`](crate::client::DEFAULT_IN_FLIGHT_MAX)) at once.
+//! What it guarantees if FILE is changed in place meanwhile (e.g. `cp
+//! other.kvd FILE`):
+//!
+//! - Before it starts, the open file's length and modification time (and
+//!   device and inode) must be what they were when it was opened:
+//!   otherwise nothing is sent.
+//! - It reads the chunks up to the next checkpoint (a *group*: one chunk of
+//!   a dump `kivaloo dump` wrote; less than 32 KiB plus one chunk in any
+//!   case), checks them again as the first pass did, and compares the
+//!   CRC-32C of every byte from the file's start to the checkpoint with the
+//!   one recorded; only if they are equal does it send any SET of the
+//!   group. So nothing of a group that changed is sent, nor anything after
+//!   it: every pair sent is one the first pass checked, at the same place
+//!   (unless a change leaves that CRC unchanged: for arbitrary changes, a
+//!   chance of 1 in 2^32). The last group is compared with the trailer's
+//!   totals, which the first pass read.
+//! - Groups read before the change was seen were unchanged then, and their
+//!   pairs may have been stored: the load stops (exit 4), saying how many
+//!   pairs were stored. A change to a part already read again is not seen:
+//!   the pairs sent from it were the checked ones.
+//!
+//! Pairs already in the store and not in the dump are left alone; a pair in
+//! both gets the dump's value. If the connection is lost during the load,
+//! the message says how many pairs the store acknowledged; SET is
+//! idempotent, so running the same load again finishes it.
+//!
+//! # Signals
+//!
+//! SIGINT (Ctrl-C) or SIGTERM stops either command: `dump` removes its
+//! temporary file and writes no FILE; `load` stops sending, drops the SETs
+//! in flight, and says how many pairs were sent and how many the store
+//! acknowledged (those in flight may or may not have been stored). The exit
+//! status is 130 for SIGINT, 143 for SIGTERM. Exceptions:
+//!
+//! - During `load`'s first pass (and with `--check`), which reads the file
+//!   without pausing, a signal has its default effect: the process is
+//!   killed at once (shells report 130 or 143 alike). Nothing was sent
+//!   yet.
+//! - Once `dump` has read the last page, it syncs and names FILE without
+//!   pausing: a signal arriving then is seen too late, and the dump
+//!   completes (exit 0).
 //!
 //! # Progress
 //!
@@ -55,7 +95,12 @@
 //! | 0 | FILE is a complete dump | every pair was stored (with `--check`: FILE is a complete, valid dump) |
 //! | 2 | usage: bad arguments, FILE exists (without `--force`) | usage: bad arguments, FILE cannot be opened, is not a complete, valid dump (truncated or corrupt, at which byte), or holds a key or value over the store's limits; nothing was sent |
 //! | 3 | the store cannot be reached, the connection was lost, or the store broke the protocol; FILE was not written | the same; the message says how many pairs were acknowledged |
-//! | 4 | writing FILE failed (create, write, fsync, rename, fsync of the directory); FILE was not written, except after a failed fsync of the directory (the message says so) | reading FILE failed, or FILE changed after it was checked; the message says how many pairs were stored |
+//! | 4 | writing FILE failed (create, write, fsync, rename, fsync of the directory); FILE was not written, except after a failed fsync of the directory (the message says so) | reading FILE failed ("reading FILE failed at byte N: ...; K of M pairs were stored"), or FILE changed after it was checked (see above; the message says how many pairs were stored: none if the change was seen before the second pass) |
+//! | 130 | SIGINT arrived: FILE was not written, the temporary file was removed | SIGINT arrived: the message says how many pairs were sent and acknowledged |
+//! | 143 | SIGTERM arrived: the same | SIGTERM arrived: the same |
+//!
+//! Either command also exits 4 if it cannot start its runtime or listen for
+//! signals: a local failure, before anything is sent or written.
 //!
 //! # Format
 //!
@@ -105,23 +150,30 @@
 //! - dump: one RANGE page (at most
 //!   [`RANGE_MAX_BYTES`](crate::client::RANGE_MAX_BYTES)) and one chunk
 //!   being filled (at most [`CHUNK_PAYLOAD_BYTES_MAX`]).
-//! - load: a 64 KiB read buffer, one chunk read at a time (at most
-//!   [`CHUNK_PAYLOAD_BYTES_MAX`] of pairs, so at most 32768 of them), and
-//!   at most the client's window
-//!   of SETs in flight, each holding its pair (at most 512 bytes) and so
-//!   the chunk it came from: about 2 MiB with the default window.
+//! - load: the checkpoints, 16 bytes each, one per at least 32 KiB of the
+//!   file: at most 512 KiB per GiB of FILE (about 256 KiB per GiB for a
+//!   dump `kivaloo dump` wrote, whose chunks are full); a 64 KiB read
+//!   buffer; one group of chunks read at a time (less than
+//!   [`CHECKPOINT_BYTES_MIN`] of chunks plus one chunk: under 96 KiB of
+//!   pairs, so under 49152 of them, about 72 bytes each in memory besides
+//!   their bytes); and at most the client's window of SETs in flight, each
+//!   holding its pair (at most 512 bytes) and so the chunk it came from:
+//!   about 2 MiB with the default window.
 
+use std::cell::Cell;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, BufReader, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use clap::Args;
 use futures::stream::{FuturesUnordered, StreamExt};
 use kivaloo::kvlds_proto::SHORT_STRING_LEN_MAX;
 use kivaloo::LogLevel;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::addr::SocketAddr;
 use crate::cli::{connect_failure, EXIT_DONE, EXIT_OUTPUT, EXIT_STORE, EXIT_USAGE};
@@ -819,6 +871,67 @@ pub struct LoadArgs {
     pub file: PathBuf,
 }
 
+/// The exit status after SIGINT: 128 + its number, as shells report a
+/// process killed by it.
+pub const EXIT_SIGINT: i32 = 130;
+/// The exit status after SIGTERM: 128 + its number.
+pub const EXIT_SIGTERM: i32 = 143;
+
+/// A signal that stops `dump` or `load`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopSignal {
+    Interrupt,
+    Terminate,
+}
+
+impl StopSignal {
+    fn exit_status(self) -> i32 {
+        match self {
+            StopSignal::Interrupt => EXIT_SIGINT,
+            StopSignal::Terminate => EXIT_SIGTERM,
+        }
+    }
+}
+
+impl fmt::Display for StopSignal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StopSignal::Interrupt => "SIGINT",
+            StopSignal::Terminate => "SIGTERM",
+        })
+    }
+}
+
+/// SIGINT and SIGTERM, caught from [`Signals::listen`] on (for the rest of
+/// the process: they no longer kill it).
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    /// Starts catching SIGINT and SIGTERM.
+    fn listen() -> Result<Signals, Failure> {
+        let listen = |kind| {
+            signal(kind)
+                .map_err(|e| Failure::File(format!("cannot listen for signals: {e}; nothing was done")))
+        };
+        Ok(Signals {
+            interrupt: listen(SignalKind::interrupt())?,
+            terminate: listen(SignalKind::terminate())?,
+        })
+    }
+
+    /// The next signal caught.
+    async fn recv(&mut self) -> StopSignal {
+        tokio::select! {
+            Some(()) = self.interrupt.recv() => StopSignal::Interrupt,
+            Some(()) = self.terminate.recv() => StopSignal::Terminate,
+            else => std::future::pending().await,
+        }
+    }
+}
+
 /// Why `dump` or `load` failed, by exit status.
 #[derive(Debug)]
 enum Failure {
@@ -826,8 +939,10 @@ enum Failure {
     Usage(String),
     /// [`EXIT_STORE`].
     Store(String),
-    /// [`EXIT_OUTPUT`]: writing or reading FILE.
+    /// [`EXIT_OUTPUT`]: writing or reading FILE, or a local failure.
     File(String),
+    /// [`EXIT_SIGINT`] or [`EXIT_SIGTERM`].
+    Stopped(StopSignal, String),
 }
 
 /// Runs `kivaloo dump`: writes every pair of the store to the file. Returns
@@ -847,8 +962,9 @@ fn run<F: std::future::Future<Output = Result<String, Failure>>>(command: impl F
     let rt = match build_runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            log("kivaloo", LogLevel::Error, &format!("cannot start the runtime: {e}"));
-            return EXIT_STORE;
+            // A local failure, like one with FILE.
+            log("kivaloo", LogLevel::Error, &format!("cannot start the runtime: {e}; nothing was done"));
+            return EXIT_OUTPUT;
         }
     };
     match rt.block_on(command()) {
@@ -861,6 +977,7 @@ fn run<F: std::future::Future<Output = Result<String, Failure>>>(command: impl F
                 Failure::Usage(m) => (EXIT_USAGE, m),
                 Failure::Store(m) => (EXIT_STORE, m),
                 Failure::File(m) => (EXIT_OUTPUT, m),
+                Failure::Stopped(signal, m) => (signal.exit_status(), m),
             };
             log("kivaloo", LogLevel::Error, &message);
             status
@@ -896,10 +1013,28 @@ async fn dump(args: &DumpArgs) -> Result<String, Failure> {
     };
     let mut temp_name = file_name.to_os_string();
     temp_name.push(format!(".tmp.{}", std::process::id()));
+    let temp_path = file.with_file_name(temp_name);
+    let mut signals = Signals::listen()?;
+    // On a signal, `dump_to` is dropped, and with it the temporary file
+    // (removed), before the message is written.
+    tokio::select! {
+        result = dump_to(args, temp_path.clone()) => result,
+        signal = signals.recv() => Err(Failure::Stopped(
+            signal,
+            format!("stopped by {signal}: {shown} was not written (its temporary file {} was removed)", temp_path.display()),
+        )),
+    }
+}
+
+/// `kivaloo dump` once FILE is known to be writable: dumps into `temp_path`
+/// and names it FILE.
+async fn dump_to(args: &DumpArgs, temp_path: PathBuf) -> Result<String, Failure> {
+    let file = args.file.as_path();
+    let shown = file.display();
     let addr = SocketAddr::parse(&args.socket);
     let client = connect(&addr).await?;
 
-    let mut temp = TempFile::create(file.with_file_name(temp_name))?;
+    let mut temp = TempFile::create(temp_path)?;
     let mut progress = Progress::start();
     let totals = write_pairs(&client, &addr, &temp, &mut progress).await;
     progress.clear();
@@ -1027,6 +1162,30 @@ impl Drop for TempFile {
     }
 }
 
+/// The least bytes of the file between two checkpoints of `load`: the
+/// second pass compares what it read again with the first pass at a chunk
+/// boundary at least this far from the previous one, before it sends any
+/// pair of the chunks in between. Half a full chunk, so that each chunk of
+/// a dump `kivaloo dump` wrote is compared on its own.
+pub const CHECKPOINT_BYTES_MIN: usize = CHUNK_PAYLOAD_BYTES_MAX / 2;
+
+/// What the first pass of `load` read up to a chunk boundary: how far,
+/// and the CRC-32C of those bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Checkpoint {
+    body_len: u64,
+    body_crc: u32,
+}
+
+impl Checkpoint {
+    /// A checkpoint at the chunk boundary `totals` reached, if it is
+    /// [`CHECKPOINT_BYTES_MIN`] from the previous one (at `previous`).
+    fn due(previous: u64, totals: &DumpTotals) -> Option<Checkpoint> {
+        (totals.body_len - previous >= CHECKPOINT_BYTES_MIN as u64)
+            .then_some(Checkpoint { body_len: totals.body_len, body_crc: totals.body_crc })
+    }
+}
+
 /// What the first pass of `load` found.
 struct Checked {
     totals: DumpTotals,
@@ -1034,20 +1193,59 @@ struct Checked {
     longest_key: (usize, u64),
     /// The longest value's length, and where its pair starts.
     longest_value: (usize, u64),
+    /// In file order.
+    checkpoints: Vec<Checkpoint>,
+}
+
+/// What says whether FILE was written to, without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    dev: u64,
+    ino: u64,
+}
+
+impl FileStamp {
+    fn of(metadata: &fs::Metadata) -> FileStamp {
+        FileStamp {
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+        }
+    }
+}
+
+/// Pairs sent and acknowledged by the second pass of `load`, for the
+/// message after a signal.
+#[derive(Default)]
+struct LoadCounts {
+    sent: Cell<u64>,
+    acknowledged: Cell<u64>,
 }
 
 /// `kivaloo load`; returns the summary.
 async fn load(args: &LoadArgs) -> Result<String, Failure> {
     let shown = args.file.display();
-    let mut file = File::open(&args.file).map_err(|e| Failure::Usage(format!("cannot open {shown}: {e}")))?;
+    let not_regular = || Failure::Usage(format!("{shown} is not a regular file (load reads it twice)"));
+    // Before opening it: opening a FIFO would wait for a writer.
+    let path_metadata =
+        fs::metadata(&args.file).map_err(|e| Failure::Usage(format!("cannot open {shown}: {e}")))?;
+    if !path_metadata.is_file() {
+        return Err(not_regular());
+    }
+    let file = File::open(&args.file).map_err(|e| Failure::Usage(format!("cannot open {shown}: {e}")))?;
+    // Again: FILE may have been replaced in between.
     let metadata = file.metadata().map_err(|e| Failure::Usage(format!("cannot use {shown}: {e}")))?;
     if !metadata.is_file() {
-        // A pipe could not be read twice.
-        return Err(Failure::Usage(format!("{shown} is not a regular file (load reads it twice)")));
+        return Err(not_regular());
     }
-    let file_len = metadata.len();
-    let checked = check(&file, file_len).map_err(|e| match e {
-        ReadError::Io { .. } => Failure::File(format!("reading {shown} failed: {e}; nothing was loaded")),
+    let opened = FileStamp::of(&metadata);
+    let checked = check(&file, opened.len).map_err(|e| match e {
+        ReadError::Io { offset, error } => {
+            Failure::File(format!("reading {shown} failed at byte {offset}: {error}; nothing was loaded"))
+        }
         e => Failure::Usage(format!("{shown} is not a complete, valid dump: {e}; nothing was loaded")),
     })?;
     let totals = checked.totals;
@@ -1060,6 +1258,38 @@ async fn load(args: &LoadArgs) -> Result<String, Failure> {
         ));
     }
 
+    let mut signals = Signals::listen()?;
+    let counts = LoadCounts::default();
+    tokio::select! {
+        result = load_checked(args, &file, &opened, &checked, &counts) => result,
+        signal = signals.recv() => {
+            let (sent, acknowledged) = (counts.sent.get(), counts.acknowledged.get());
+            let total = totals.pair_count;
+            Err(Failure::Stopped(signal, if sent == 0 {
+                format!("stopped by {signal}; nothing was loaded")
+            } else {
+                format!(
+                    "stopped by {signal} after {sent} of {total} pairs were sent, {acknowledged} of them \
+                     acknowledged (the others may or may not have been stored); SET is idempotent: run the \
+                     same load again to finish it"
+                )
+            }))
+        }
+    }
+}
+
+/// `kivaloo load` once the first pass has found `file` (`opened` when it
+/// was opened) to be a complete, valid dump: checks the store's limits,
+/// then stores every pair.
+async fn load_checked(
+    args: &LoadArgs,
+    file: &File,
+    opened: &FileStamp,
+    checked: &Checked,
+    counts: &LoadCounts,
+) -> Result<String, Failure> {
+    let shown = args.file.display();
+    let totals = checked.totals;
     let addr = SocketAddr::parse(&args.socket);
     let client = connect(&addr).await?;
     let (key_len_max, value_len_max) = client
@@ -1078,25 +1308,43 @@ async fn load(args: &LoadArgs) -> Result<String, Failure> {
         }
     }
 
-    file.seek(SeekFrom::Start(0))
+    let now = file
+        .metadata()
+        .map(|m| FileStamp::of(&m))
+        .map_err(|e| Failure::File(format!("cannot use {shown} again: {e}; nothing was loaded")))?;
+    if now != *opened {
+        return Err(Failure::File(format!(
+            "{shown} changed after it was checked (its length or modification time is not what it was); \
+             nothing was loaded"
+        )));
+    }
+    let mut reading = file;
+    reading
+        .seek(SeekFrom::Start(0))
         .map_err(|e| Failure::File(format!("cannot read {shown} again: {e}; nothing was loaded")))?;
     let mut progress = Progress::start();
-    let stored = store_pairs(&client, &file, &checked, limits, &mut progress).await;
+    let stored = store_pairs(&client, file, checked, limits, &mut progress, counts).await;
     progress.clear();
-    let total = totals.pair_count;
+    let (total, acknowledged) = (totals.pair_count, counts.acknowledged.get());
     match stored {
         Stored::All => {}
-        Stored::StoreFailed { acknowledged, error } => {
+        Stored::StoreFailed { error } => {
             return Err(Failure::Store(format!(
                 "{} after {acknowledged} of {total} pairs were stored; SET is idempotent: run the same \
                  load again to finish it",
                 store_problem(&addr, &error)
             )))
         }
-        Stored::FileChanged { acknowledged, problem } => {
+        Stored::Reread(RereadError::Changed(problem)) => {
             return Err(Failure::File(format!(
                 "{shown} changed after it was checked ({problem}); {acknowledged} of {total} pairs were \
-                 stored before that was noticed"
+                 stored before that was noticed, none from the part that changed"
+            )))
+        }
+        Stored::Reread(RereadError::Read { offset, error }) => {
+            return Err(Failure::File(format!(
+                "reading {shown} failed at byte {offset}: {error}; {acknowledged} of {total} pairs were \
+                 stored"
             )))
         }
     }
@@ -1109,12 +1357,18 @@ async fn load(args: &LoadArgs) -> Result<String, Failure> {
     ))
 }
 
-/// The first pass of `load`: reads and checks all of `file` (of
-/// `file_len` bytes, for the progress line).
-fn check(file: &File, file_len: u64) -> Result<Checked, ReadError> {
+/// The first pass of `load`: reads and checks all of `input` (of
+/// `file_len` bytes, for the progress line), and records the checkpoints.
+fn check(input: impl Read, file_len: u64) -> Result<Checked, ReadError> {
     let mut progress = Progress::start();
-    let mut reader = DumpReader::new(BufReader::with_capacity(CHUNK_PAYLOAD_BYTES_MAX, file))?;
-    let mut checked = Checked { totals: DumpTotals::default(), longest_key: (0, 0), longest_value: (0, 0) };
+    let mut reader = DumpReader::new(BufReader::with_capacity(CHUNK_PAYLOAD_BYTES_MAX, input))?;
+    let mut checked = Checked {
+        totals: DumpTotals::default(),
+        longest_key: (0, 0),
+        longest_value: (0, 0),
+        checkpoints: Vec::new(),
+    };
+    let mut previous_checkpoint = 0;
     while let Some(chunk) = reader.next_chunk()? {
         for pair in &chunk.pairs {
             if pair.key.len() > checked.longest_key.0 {
@@ -1123,6 +1377,10 @@ fn check(file: &File, file_len: u64) -> Result<Checked, ReadError> {
             if pair.value.len() > checked.longest_value.0 {
                 checked.longest_value = (pair.value.len(), pair.offset);
             }
+        }
+        if let Some(checkpoint) = Checkpoint::due(previous_checkpoint, &reader.totals()) {
+            checked.checkpoints.push(checkpoint);
+            previous_checkpoint = checkpoint.body_len;
         }
         let (pairs, done_bytes) = (reader.totals().pair_count, reader.offset());
         progress.update(|_| {
@@ -1134,67 +1392,161 @@ fn check(file: &File, file_len: u64) -> Result<Checked, ReadError> {
     Ok(checked)
 }
 
-/// How the second pass of `load` ended.
+/// Why the second pass of `load` stopped reading.
+#[derive(Debug)]
+enum RereadError {
+    /// Reading failed.
+    Read { offset: u64, error: io::Error },
+    /// The file is not what the first pass checked.
+    Changed(String),
+}
+
+impl From<ReadError> for RereadError {
+    fn from(e: ReadError) -> RereadError {
+        match e {
+            ReadError::Io { offset, error } => RereadError::Read { offset, error },
+            e => RereadError::Changed(e.to_string()),
+        }
+    }
+}
+
+/// The second pass of `load`'s reading: the file, read again a group of
+/// chunks at a time, each group compared with the first pass's checkpoint
+/// at its end before it is returned.
+struct Reread<'a, R: Read> {
+    reader: DumpReader<R>,
+    checked: &'a Checked,
+    /// The next checkpoint, in `checked.checkpoints`.
+    next: usize,
+    /// Where the last checkpoint passed is (0: none yet).
+    previous: u64,
+    /// The trailer was read and matched.
+    finished: bool,
+    /// An error was returned.
+    failed: bool,
+}
+
+impl<'a, R: Read> Reread<'a, R> {
+    /// Reads and checks the header of `input`, which the first pass found
+    /// to be what `checked` says.
+    fn new(input: R, checked: &'a Checked) -> Result<Self, RereadError> {
+        let reader = DumpReader::new(input)?;
+        Ok(Reread { reader, checked, next: 0, previous: 0, finished: false, failed: false })
+    }
+
+    /// The chunks up to the next checkpoint (or to the trailer), checked
+    /// again and found to be what the first pass read: every byte from the
+    /// file's start to their end has the CRC the first pass recorded there.
+    /// `None` after the last.
+    ///
+    /// # Errors
+    /// Reading failed, or the file is not what the first pass checked: no
+    /// chunk of the group is returned. After an error, every later call
+    /// fails.
+    fn next_group(&mut self) -> Result<Option<Vec<Chunk>>, RereadError> {
+        if self.failed {
+            return Err(RereadError::Changed("reading stopped at an earlier error".into()));
+        }
+        let result = self.read_group();
+        self.failed = result.is_err();
+        result
+    }
+
+    fn read_group(&mut self) -> Result<Option<Vec<Chunk>>, RereadError> {
+        if self.finished {
+            return Ok(None);
+        }
+        let mut group = Vec::new();
+        loop {
+            let Some(chunk) = self.reader.next_chunk()? else {
+                // The trailer matched the chunks read again; they must be
+                // the ones checked.
+                if self.reader.totals() != self.checked.totals || self.next != self.checked.checkpoints.len()
+                {
+                    return Err(RereadError::Changed("it holds other pairs now: its trailer differs".into()));
+                }
+                self.finished = true;
+                return Ok((!group.is_empty()).then_some(group));
+            };
+            group.push(chunk);
+            let totals = self.reader.totals();
+            let Some(found) = Checkpoint::due(self.previous, &totals) else { continue };
+            let expected = self.checked.checkpoints.get(self.next).copied();
+            if expected != Some(found) {
+                let (from, to) = (self.previous, found.body_len);
+                return Err(RereadError::Changed(match expected {
+                    Some(e) if e.body_len == to => format!("bytes {from}..{to} are not the ones checked"),
+                    _ => format!("its chunks are not where they were: one ends at byte {to} now"),
+                }));
+            }
+            self.next += 1;
+            self.previous = found.body_len;
+            return Ok(Some(group));
+        }
+    }
+}
+
+/// How the second pass of `load` ended. Every SET sent has been answered
+/// or failed.
 enum Stored {
     /// Every pair was stored.
     All,
     /// A SET failed: the connection was lost (or the store broke the
-    /// protocol). Every SET sent has been answered or failed.
-    StoreFailed { acknowledged: u64, error: Error },
-    /// The file is not what the first pass read. Every SET sent has been
-    /// answered.
-    FileChanged { acknowledged: u64, problem: String },
+    /// protocol).
+    StoreFailed { error: Error },
+    /// Reading the file failed, or it is not what the first pass read.
+    Reread(RereadError),
 }
 
 /// The second pass of `load`: reads `file` again from its start, SETs
 /// every pair with up to the client's window in flight, and checks that the
-/// file is still the one `checked` describes.
+/// file is still the one `checked` describes: a group of chunks at a time,
+/// before sending any pair of it. Counts in `counts` the pairs sent and
+/// acknowledged.
 async fn store_pairs(
     client: &Client,
     file: &File,
     checked: &Checked,
     (key_len_max, value_len_max): (usize, usize),
     progress: &mut Progress,
+    counts: &LoadCounts,
 ) -> Stored {
     let total = checked.totals.pair_count;
     let window = client.in_flight_max();
     let mut in_flight = FuturesUnordered::new();
-    let mut acknowledged = 0u64;
     let mut store_error: Option<Error> = None;
-    let mut file_problem: Option<String> = None;
-    let mut reader = match DumpReader::new(BufReader::with_capacity(CHUNK_PAYLOAD_BYTES_MAX, file)) {
-        Ok(reader) => reader,
-        Err(e) => return Stored::FileChanged { acknowledged, problem: e.to_string() },
+    let mut file_problem: Option<RereadError> = None;
+    let mut reread = match Reread::new(BufReader::with_capacity(CHUNK_PAYLOAD_BYTES_MAX, file), checked) {
+        Ok(reread) => reread,
+        Err(e) => return Stored::Reread(e),
     };
-    'chunks: loop {
-        let chunk = match reader.next_chunk() {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => {
-                if reader.totals() != checked.totals {
-                    file_problem = Some("it holds other pairs now: its trailer differs".to_string());
-                }
-                break;
-            }
+    'groups: loop {
+        let group = match reread.next_group() {
+            Ok(Some(group)) => group,
+            Ok(None) => break,
             Err(e) => {
-                file_problem = Some(e.to_string());
+                file_problem = Some(e);
                 break;
             }
         };
-        for Pair { offset, key, value } in chunk.pairs {
+        for Pair { offset, key, value } in group.into_iter().flat_map(|chunk| chunk.pairs) {
             if key.len() > key_len_max || value.len() > value_len_max {
-                file_problem = Some(format!("the pair at byte {offset} is over the store's limits now"));
-                break 'chunks;
+                let problem = format!("the pair at byte {offset} is over the store's limits now");
+                file_problem = Some(RereadError::Changed(problem));
+                break 'groups;
             }
             while in_flight.len() >= window {
                 let Some(result) = in_flight.next().await else { break };
-                tally(result, &mut acknowledged, &mut store_error);
+                tally(result, counts, &mut store_error);
             }
             if store_error.is_some() {
-                break 'chunks;
+                break 'groups;
             }
             let client = client.clone();
             in_flight.push(async move { client.set(key, value).await });
+            counts.sent.set(counts.sent.get() + 1);
             progress.update(|seconds| {
+                let acknowledged = counts.acknowledged.get();
                 format!(
                     "loading: {acknowledged} of {total} pairs ({}%), {} pairs/s",
                     acknowledged * 100 / total.max(1),
@@ -1203,21 +1555,21 @@ async fn store_pairs(
             });
         }
     }
-    // The pairs sent came from chunks that were checked: let them finish.
+    // The pairs sent came from groups that were checked: let them finish.
     while let Some(result) = in_flight.next().await {
-        tally(result, &mut acknowledged, &mut store_error);
+        tally(result, counts, &mut store_error);
     }
     match (store_error, file_problem) {
-        (Some(error), _) => Stored::StoreFailed { acknowledged, error },
-        (None, Some(problem)) => Stored::FileChanged { acknowledged, problem },
+        (Some(error), _) => Stored::StoreFailed { error },
+        (None, Some(problem)) => Stored::Reread(problem),
         (None, None) => Stored::All,
     }
 }
 
 /// Counts a SET's answer: one more acknowledged, or the first error.
-fn tally(result: Result<(), Error>, acknowledged: &mut u64, store_error: &mut Option<Error>) {
+fn tally(result: Result<(), Error>, counts: &LoadCounts, store_error: &mut Option<Error>) {
     match result {
-        Ok(()) => *acknowledged += 1,
+        Ok(()) => counts.acknowledged.set(counts.acknowledged.get() + 1),
         Err(e) => {
             store_error.get_or_insert(e);
         }
@@ -1548,6 +1900,203 @@ mod tests {
         let mut reader = DumpReader::new(&b"KVLDDUMP\0\0\0\x01junk"[..]).unwrap();
         assert!(reader.next_chunk().is_err());
         assert!(reader.next_chunk().unwrap_err().to_string().contains("stopped at an earlier error"));
+    }
+
+    /// A dump whose chunks hold the given pairs, one chunk per element.
+    fn dump_of_chunks(chunks: &[Pairs]) -> Vec<u8> {
+        let mut bytes = dump_of(&[])[..HEADER_LEN].to_vec();
+        let mut totals = DumpTotals::default();
+        totals.add_body(&bytes.clone());
+        for pairs in chunks {
+            let mut payload = Vec::new();
+            for (k, v) in pairs {
+                payload.push(k.len() as u8);
+                payload.extend_from_slice(k);
+                payload.push(v.len() as u8);
+                payload.extend_from_slice(v);
+                totals.pair_count += 1;
+                totals.key_value_bytes += (k.len() + v.len()) as u64;
+            }
+            let header =
+                encode_chunk_header(payload.len() as u32, pairs.len() as u32, crc32c::crc32c(&payload));
+            for part in [&header[..], &payload[..]] {
+                bytes.extend_from_slice(part);
+                totals.add_body(part);
+            }
+        }
+        bytes.extend_from_slice(&encode_trailer(&totals));
+        bytes
+    }
+
+    /// Every group the second pass of `load` reads from `again` after the
+    /// first read `checked_bytes`, as the pairs of each; then the error, if
+    /// any.
+    fn reread(checked_bytes: &[u8], again: impl Read) -> (Vec<Pairs>, Option<RereadError>) {
+        let checked = check(checked_bytes, checked_bytes.len() as u64).unwrap();
+        let mut groups = Vec::new();
+        let mut reread = match Reread::new(again, &checked) {
+            Ok(reread) => reread,
+            Err(e) => return (groups, Some(e)),
+        };
+        loop {
+            match reread.next_group() {
+                Ok(Some(group)) => groups.push(
+                    group
+                        .into_iter()
+                        .flat_map(|c| c.pairs)
+                        .map(|p| (p.key.to_vec(), p.value.to_vec()))
+                        .collect(),
+                ),
+                Ok(None) => return (groups, None),
+                Err(e) => {
+                    // It sticks.
+                    assert!(reread.next_group().is_err());
+                    return (groups, Some(e));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_second_pass_returns_every_pair_a_group_at_a_time() {
+        // Full chunks: a group each.
+        let pairs = sample_pairs(3000);
+        let bytes = dump_of(&pairs);
+        let (_, chunks, _) = read_all(&bytes).unwrap();
+        let checked = check(&bytes[..], bytes.len() as u64).unwrap();
+        let (groups, error) = reread(&bytes, &bytes[..]);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(groups.len(), chunks.len());
+        assert_eq!(groups.concat(), pairs);
+        // One per chunk, but the last if it is under 32 KiB (the trailer
+        // checks it).
+        let last_chunk_len = bytes.len() - TRAILER_LEN - *chunks.last().unwrap() as usize;
+        let last_checked = usize::from(last_chunk_len >= CHECKPOINT_BYTES_MIN);
+        assert_eq!(checked.checkpoints.len(), chunks.len() - 1 + last_checked);
+
+        // Small chunks (about 1 KiB): grouped by at least 32 KiB.
+        let small: Vec<Pairs> = sample_pairs(2000).chunks(5).map(|c| c.to_vec()).collect();
+        let bytes = dump_of_chunks(&small);
+        let checked = check(&bytes[..], bytes.len() as u64).unwrap();
+        let (groups, error) = reread(&bytes, &bytes[..]);
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(groups.concat(), small.concat());
+        assert!(groups.len() >= 3 && groups.len() < small.len() / 10, "{} groups", groups.len());
+        let mut previous = 0;
+        for c in &checked.checkpoints {
+            let step = c.body_len - previous;
+            assert!(step >= CHECKPOINT_BYTES_MIN as u64 && step < 3 * CHECKPOINT_BYTES_MIN as u64, "{step}");
+            previous = c.body_len;
+        }
+
+        // An empty dump: no group.
+        let (groups, error) = reread(&dump_of(&[]), &dump_of(&[])[..]);
+        assert!(groups.is_empty() && error.is_none());
+    }
+
+    #[test]
+    fn the_second_pass_returns_nothing_of_a_group_that_changed_nor_after() {
+        let pairs = sample_pairs(3000);
+        let bytes = dump_of(&pairs);
+        let (_, chunks, _) = read_all(&bytes).unwrap();
+        assert!(chunks.len() >= 4);
+
+        // A whole other valid dump of the same length (one value changed in
+        // the first chunk): nothing at all.
+        let mut other = pairs.clone();
+        other[3].1[0] ^= 1;
+        let other_bytes = dump_of(&other);
+        assert_eq!(other_bytes.len(), bytes.len());
+        let (groups, error) = reread(&bytes, &other_bytes[..]);
+        assert!(groups.is_empty(), "{} groups returned", groups.len());
+        let end = chunks[1];
+        match error {
+            Some(RereadError::Changed(problem)) => {
+                assert_eq!(problem, format!("bytes 0..{end} are not the ones checked"))
+            }
+            e => panic!("{e:?}"),
+        }
+        // Another dump altogether (other pairs, another length).
+        let (groups, error) = reread(&bytes, &dump_of(&sample_pairs(2500)[7..])[..]);
+        assert!(groups.is_empty(), "{} groups returned", groups.len());
+        assert!(matches!(error, Some(RereadError::Changed(_))), "{error:?}");
+
+        // A value changed in the third chunk: the first two groups only.
+        // The pairs of the first two chunks.
+        let second_chunk_pairs = {
+            let mut reader = DumpReader::new(&bytes[..]).unwrap();
+            (0..2).map(|_| reader.next_chunk().unwrap().unwrap().pairs.len()).sum::<usize>()
+        };
+        let mut third_changed = pairs.clone();
+        third_changed[second_chunk_pairs + 1].1[0] ^= 1;
+        let (groups, error) = reread(&bytes, &dump_of(&third_changed)[..]);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups.concat(), pairs[..second_chunk_pairs]);
+        let (from, to) = (chunks[2], chunks[3]);
+        match error {
+            Some(RereadError::Changed(problem)) => {
+                assert_eq!(problem, format!("bytes {from}..{to} are not the ones checked"))
+            }
+            e => panic!("{e:?}"),
+        }
+
+        // Cut: the groups before the cut, then the truncation.
+        let (groups, error) = reread(&bytes, &bytes[..chunks[2] as usize + 100]);
+        assert_eq!(groups.concat(), pairs[..second_chunk_pairs]);
+        match error {
+            Some(RereadError::Changed(problem)) => assert!(problem.contains("truncated"), "{problem}"),
+            e => panic!("{e:?}"),
+        }
+
+        // The last group has no checkpoint after it when it is under 32
+        // KiB: the trailer checks it. A value changed in its last chunk:
+        // nothing of it.
+        let small: Vec<Pairs> = sample_pairs(2000).chunks(5).map(|c| c.to_vec()).collect();
+        let bytes = dump_of_chunks(&small);
+        let checked = check(&bytes[..], bytes.len() as u64).unwrap();
+        let last_checkpoint = checked.checkpoints.last().unwrap().body_len;
+        let trailer_at = (bytes.len() - TRAILER_LEN) as u64;
+        assert!(trailer_at - last_checkpoint < CHECKPOINT_BYTES_MIN as u64);
+        let mut last_changed = small.clone();
+        last_changed.last_mut().unwrap()[0].1[0] ^= 1;
+        let (groups, error) = reread(&bytes, &dump_of_chunks(&last_changed)[..]);
+        assert_eq!(groups.len(), checked.checkpoints.len());
+        let before_last_group: usize = groups.iter().map(|g| g.len()).sum();
+        assert!(before_last_group < small.concat().len() - 5);
+        match error {
+            Some(RereadError::Changed(problem)) => assert!(problem.contains("trailer differs"), "{problem}"),
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn a_read_error_in_the_second_pass_is_an_io_error_with_its_offset() {
+        let pairs = sample_pairs(3000);
+        let bytes = dump_of(&pairs);
+        let (_, chunks, _) = read_all(&bytes).unwrap();
+        /// Fails once its second field's bytes have been read.
+        struct FailsAt<'a>(&'a [u8], usize);
+        impl Read for FailsAt<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.1 == 0 {
+                    return Err(io::Error::other("the disk is on fire"));
+                }
+                let n = buf.len().min(self.1).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                (self.0, self.1) = (&self.0[n..], self.1 - n);
+                Ok(n)
+            }
+        }
+        let at = chunks[1] as usize + 1000;
+        let (groups, error) = reread(&bytes, FailsAt(&bytes, at));
+        assert_eq!(groups.len(), 1);
+        match error {
+            Some(RereadError::Read { offset, error }) => {
+                assert_eq!(offset, at as u64);
+                assert_eq!(error.to_string(), "the disk is on fire");
+            }
+            e => panic!("{e:?}"),
+        }
     }
 
     #[test]

@@ -51,14 +51,18 @@ pub struct RunOptions {
     pub on_ready: Option<Box<dyn FnOnce()>>,
 }
 
-/// Writes a log line to stderr.
+/// Writes a log line to stderr (one write of the whole line). A line that
+/// cannot be written (stderr closed, or a pipe whose reader has gone:
+/// EPIPE) is dropped: logging never panics or stops a daemon.
 pub fn log(name: &str, level: LogLevel, message: &str) {
+    use std::io::Write as _;
     let tag = match level {
         LogLevel::Info => "info",
         LogLevel::Warn => "warning",
         LogLevel::Error => "error",
     };
-    eprintln!("{name}: {tag}: {message}");
+    let line = format!("{name}: {tag}: {message}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// How logs name a connection: the upstream by name, others by number.

@@ -10,6 +10,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -331,23 +332,43 @@ fn without_a_store_nothing_is_written() {
 struct Fake {
     /// Its answer to PARAMS.
     limits: (u32, u32),
-    /// SETs it answers before it closes the connection.
+    /// SETs it answers before it closes the connection (or hangs).
     sets_answered_max: usize,
     /// Run when PARAMS arrives, before it is answered.
     on_params: Box<dyn FnOnce() + Send>,
+    /// Instead of closing the connection, it says so here (with the SETs
+    /// it received) and answers nothing more, until the client closes.
+    hang: Option<mpsc::Sender<usize>>,
+}
+
+impl Fake {
+    /// Answers PARAMS with the largest limits and `sets_answered_max` SETs.
+    fn answering(sets_answered_max: usize) -> Fake {
+        Fake { limits: (255, 255), sets_answered_max, on_params: Box::new(|| {}), hang: None }
+    }
 }
 
 /// A fake store on `<dir>/fake.sock` serving one connection: it answers
-/// PARAMS and SETs as `fake` says, and closes on anything else. Returns the
-/// socket and a handle whose result is the number of SETs it received.
+/// PARAMS and SETs as `fake` says, and closes (or hangs) on anything else.
+/// Returns the socket and a handle whose result is the number of SETs it
+/// received.
 fn fake_store(dir: &Path, fake: Fake) -> (PathBuf, thread::JoinHandle<usize>) {
     let path = dir.join("fake.sock");
     let listener = UnixListener::bind(&path).unwrap();
     let handle = thread::spawn(move || {
-        let Fake { limits: (max_key_len, max_value_len), sets_answered_max, on_params } = fake;
+        let Fake { limits: (max_key_len, max_value_len), sets_answered_max, on_params, hang } = fake;
         let mut on_params = Some(on_params);
         let (mut s, _) = listener.accept().unwrap();
         let (mut decoder, mut buf, mut sets) = (PacketDecoder::new(), vec![0u8; 64 << 10], 0);
+        // Closes the connection (by returning), or hangs until the client
+        // closes it.
+        let done = |s: &mut UnixStream, buf: &mut [u8], sets: usize| {
+            if let Some(hang) = &hang {
+                let _ = hang.send(sets);
+                while matches!(s.read(buf), Ok(n) if n > 0) {}
+            }
+            sets
+        };
         loop {
             match s.read(&mut buf) {
                 Ok(0) | Err(_) => return sets,
@@ -368,9 +389,12 @@ fn fake_store(dir: &Path, fake: Fake) -> (PathBuf, thread::JoinHandle<usize>) {
                     }
                     KvldsRequest::Set { .. } => {
                         s.write_all(&out).unwrap();
-                        return sets + 1;
+                        return done(&mut s, &mut buf, sets + 1);
                     }
-                    _ => return sets,
+                    _ => {
+                        s.write_all(&out).unwrap();
+                        return done(&mut s, &mut buf, sets);
+                    }
                 };
                 response.encode(p.id, &mut out);
             }
@@ -385,10 +409,7 @@ fn a_lost_connection_says_how_many_pairs_were_stored() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("d.kvd");
     fs::write(&file, dump_bytes(&sample_pairs(5000)).0).unwrap();
-    let (sock, server) = fake_store(
-        dir.path(),
-        Fake { limits: (255, 255), sets_answered_max: 1000, on_params: Box::new(|| {}) },
-    );
+    let (sock, server) = fake_store(dir.path(), Fake::answering(1000));
     let stderr = expect_code(3, "load", sock.to_str().unwrap(), &file, &[]);
     server.join().unwrap();
     // The answers sent before the close may or may not be read first.
@@ -409,8 +430,7 @@ fn a_lost_connection_says_how_many_pairs_were_stored() {
 
     // A dump whose RANGE is dropped: exit 3, no file.
     fs::remove_file(&sock).unwrap();
-    let (sock, server) =
-        fake_store(dir.path(), Fake { limits: (255, 255), sets_answered_max: 0, on_params: Box::new(|| {}) });
+    let (sock, server) = fake_store(dir.path(), Fake::answering(0));
     let out = dir.path().join("out.kvd");
     let stderr = expect_code(3, "dump", sock.to_str().unwrap(), &out, &[]);
     server.join().unwrap();
@@ -424,8 +444,7 @@ fn pairs_over_the_stores_limits_are_refused_before_any_set() {
     let file = dir.path().join("d.kvd");
     let (bytes, _) = dump_bytes(&[(b"k".to_vec(), b"v".to_vec()), (b"long key".to_vec(), b"v".to_vec())]);
     fs::write(&file, bytes).unwrap();
-    let (sock, server) =
-        fake_store(dir.path(), Fake { limits: (4, 8), sets_answered_max: 10, on_params: Box::new(|| {}) });
+    let (sock, server) = fake_store(dir.path(), Fake { limits: (4, 8), ..Fake::answering(10) });
     let stderr = expect_code(2, "load", sock.to_str().unwrap(), &file, &[]);
     assert!(
         stderr.contains(
@@ -445,15 +464,18 @@ fn a_file_changed_after_the_check_stops_the_load() {
     let second = chunks[1] as usize;
     fs::write(&file, &bytes).unwrap();
     // Between the check and the load (PARAMS comes in between), a byte of
-    // the second chunk changes in place.
+    // the second chunk changes in place, and the file's modification time
+    // is put back (as `touch -r` or `rsync -t` could): only the second
+    // pass's reading can see the change.
     let damaged = file.clone();
     let damage = Box::new(move || {
+        let modified = fs::metadata(&damaged).unwrap().modified().unwrap();
         let mut f = fs::OpenOptions::new().write(true).open(&damaged).unwrap();
         f.seek(SeekFrom::Start(second as u64 + 600)).unwrap();
         f.write_all(&[!bytes[second + 600]]).unwrap();
+        f.set_modified(modified).unwrap();
     });
-    let (sock, server) =
-        fake_store(dir.path(), Fake { limits: (255, 255), sets_answered_max: usize::MAX, on_params: damage });
+    let (sock, server) = fake_store(dir.path(), Fake { on_params: damage, ..Fake::answering(usize::MAX) });
     let stderr = expect_code(4, "load", sock.to_str().unwrap(), &file, &[]);
     let first_chunk_pairs = {
         let (all, _) = dump_bytes(&sample_pairs(1500));
@@ -472,4 +494,198 @@ fn a_file_changed_after_the_check_stops_the_load() {
         "{stderr}"
     );
     assert_eq!(server.join().unwrap(), first_chunk_pairs);
+}
+
+#[test]
+fn a_file_rewritten_with_another_dump_after_the_check_loads_nothing_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("d.kvd");
+    let pairs = sample_pairs(1500);
+    let (bytes, chunks) = dump_bytes(&pairs);
+    // Another valid dump of the same length: a value of the first chunk
+    // changed.
+    let mut same_len = pairs.clone();
+    let changed = same_len.iter().position(|(_, v)| !v.is_empty()).unwrap();
+    same_len[changed].1[0] ^= 1;
+    let (same_len_bytes, _) = dump_bytes(&same_len);
+    assert_eq!(same_len_bytes.len(), bytes.len());
+    // Between the check and the load (PARAMS comes in between), FILE is
+    // rewritten in place (truncated and written, as `cp other.kvd FILE`
+    // does): with other pairs; then with the same length and its
+    // modification time put back, which only the second pass's checkpoints
+    // see.
+    for (other, keep_mtime) in [(dump_bytes(&sample_pairs(700)).0, false), (same_len_bytes, true)] {
+        fs::write(&file, &bytes).unwrap();
+        let target = file.clone();
+        let rewrite = Box::new(move || {
+            let modified = fs::metadata(&target).unwrap().modified().unwrap();
+            fs::write(&target, &other).unwrap();
+            if keep_mtime {
+                fs::OpenOptions::new().write(true).open(&target).unwrap().set_modified(modified).unwrap();
+            }
+        });
+        let (sock, server) =
+            fake_store(dir.path(), Fake { on_params: rewrite, ..Fake::answering(usize::MAX) });
+        let stderr = expect_code(4, "load", sock.to_str().unwrap(), &file, &[]);
+        let expected = if keep_mtime {
+            format!(
+                "d.kvd changed after it was checked (bytes 0..{} are not the ones checked); 0 of 1500 pairs \
+                 were stored before that was noticed, none from the part that changed",
+                chunks[1]
+            )
+        } else {
+            "d.kvd changed after it was checked (its length or modification time is not what it was); \
+             nothing was loaded"
+                .to_string()
+        };
+        assert!(stderr.contains(&expected), "{stderr}");
+        assert_eq!(server.join().unwrap(), 0, "SETs reached the store");
+        fs::remove_file(&sock).unwrap();
+    }
+}
+
+/// How long a test waits for a command to exit or a fake store to be
+/// reached.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `kivaloo <args...>` running, its stderr piped; killed when dropped.
+struct Running(Child);
+
+impl Running {
+    fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Running {
+        let child = Command::new(KIVALOO)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Running(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) with the ID of a child not yet reaped.
+        assert_eq!(unsafe { libc::kill(self.pid() as libc::pid_t, signal) }, 0);
+    }
+
+    /// Waits for it to exit; fails if it does not within [`TIMEOUT`].
+    #[track_caller]
+    fn wait(&mut self) -> Out {
+        let deadline = Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "kivaloo still runs after {TIMEOUT:?}");
+            thread::sleep(Duration::from_millis(10));
+        };
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.0.stderr.take() {
+            pipe.read_to_string(&mut stderr).unwrap();
+        }
+        Out {
+            code: status.code().unwrap_or_else(|| panic!("killed by a signal: {status}; {stderr}")),
+            stderr,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_signal_stops_a_dump_and_removes_its_temporary_file() {
+    for (signal, code, name) in [(libc::SIGINT, 130, "SIGINT"), (libc::SIGTERM, 143, "SIGTERM")] {
+        let dir = tempfile::tempdir().unwrap();
+        let (reached, reached_rx) = mpsc::channel();
+        // A store that never answers RANGE.
+        let (sock, server) = fake_store(dir.path(), Fake { hang: Some(reached), ..Fake::answering(0) });
+        let file = dir.path().join("d.kvd");
+        let mut dump =
+            Running::start(&["dump".as_ref(), "--socket".as_ref(), sock.as_os_str(), file.as_os_str()]);
+        reached_rx.recv_timeout(TIMEOUT).expect("the dump asks for a RANGE");
+        // The temporary file exists once RANGE is asked for.
+        let temp = format!("d.kvd.tmp.{}", dump.pid());
+        assert_eq!(files_in(dir.path()), [temp.as_str(), "fake.sock"]);
+        dump.signal(signal);
+        let out = dump.wait();
+        assert_eq!(out.code, code, "{out:?}");
+        let expected = format!(
+            "kivaloo: error: stopped by {name}: {} was not written (its temporary file {} was removed)",
+            file.display(),
+            dir.path().join(&temp).display()
+        );
+        assert_eq!(out.stderr.trim_end(), expected);
+        assert_eq!(files_in(dir.path()), ["fake.sock"]);
+        assert_eq!(server.join().unwrap(), 0);
+    }
+}
+
+#[test]
+fn a_signal_stops_a_load_saying_how_many_pairs_were_acknowledged() {
+    for (signal, code, name) in [(libc::SIGINT, 130, "SIGINT"), (libc::SIGTERM, 143, "SIGTERM")] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("d.kvd");
+        fs::write(&file, dump_bytes(&sample_pairs(5000)).0).unwrap();
+        let (reached, reached_rx) = mpsc::channel();
+        // A store that answers 1000 SETs, then nothing.
+        let (sock, server) = fake_store(dir.path(), Fake { hang: Some(reached), ..Fake::answering(1000) });
+        let mut load =
+            Running::start(&["load".as_ref(), "--socket".as_ref(), sock.as_os_str(), file.as_os_str()]);
+        let received = reached_rx.recv_timeout(TIMEOUT).expect("the load sends 1001 SETs");
+        assert_eq!(received, 1001);
+        load.signal(signal);
+        let out = load.wait();
+        assert_eq!(out.code, code, "{out:?}");
+        // "stopped by SIG after S of 5000 pairs were sent, A of them
+        // acknowledged (...)"
+        let prefix = format!("kivaloo: error: stopped by {name} after ");
+        let rest = out.stderr.strip_prefix(&prefix).unwrap_or_else(|| panic!("{out:?}"));
+        let numbers: Vec<u64> = rest.split(' ').filter_map(|w| w.parse().ok()).take(3).collect();
+        let (sent, acknowledged) = (numbers[0], numbers[2]);
+        assert!((1001..=5000).contains(&sent) && acknowledged <= 1000, "{out:?}");
+        assert_eq!(
+            out.stderr.trim_end(),
+            format!(
+                "{prefix}{sent} of 5000 pairs were sent, {acknowledged} of them acknowledged (the others may or \
+                 may not have been stored); SET is idempotent: run the same load again to finish it"
+            )
+        );
+        assert_eq!(server.join().unwrap(), 1001);
+    }
+}
+
+#[test]
+fn a_fifo_is_refused_without_waiting_for_a_writer() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let fifo = fifo.to_str().unwrap();
+    for args in [&["load", "--check", fifo][..], &["load", "--socket", "nowhere.sock", fifo]] {
+        let out = Running::start(args).wait();
+        assert_eq!(out.code, 2, "{out:?}");
+        assert!(out.stderr.contains("fifo is not a regular file (load reads it twice)"), "{out:?}");
+    }
+}
+
+#[test]
+fn a_closed_stderr_does_not_make_a_command_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("d.kvd");
+    fs::write(&file, dump_bytes(&sample_pairs(10)).0).unwrap();
+    // Its summary goes to a pipe whose reader has gone: EPIPE.
+    let mut load = Running::start(&["load".as_ref(), "--check".as_ref(), file.as_os_str()]);
+    drop(load.0.stderr.take());
+    assert_eq!(load.wait().code, 0);
 }

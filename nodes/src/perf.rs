@@ -39,6 +39,11 @@
 //! - The upstream sending a bad packet, closing or failing:
 //!   `Output::Exit` (failure), after a last report of the partial interval;
 //!   the driver then closes the client.
+//! - The driver stopping the node ([`PerfNode::finish`]: a signal, or the
+//!   daemon's `-1` once its one client has closed): the node does not wait
+//!   for the answers the target still owes (to requests a client sent and
+//!   did not wait for). They are neither forwarded nor timed, so the last
+//!   report may miss requests the target was still working on.
 //!
 //! # Request types and their names
 //!
@@ -54,7 +59,9 @@
 //! # The report
 //!
 //! Every `interval_ns` from the start instant (and once more, for the
-//! partial interval, when the node stops), the node queues [`ReportLine`]s,
+//! partial interval, when the node stops, unless that interval is empty: no
+//! time since the last report and nothing completed, as when the upstream
+//! closes right at an interval's end), the node queues [`ReportLine`]s,
 //! which the driver takes with [`PerfNode::poll_report`] and writes where
 //! the operator asked (the daemon: a file or stderr). One line per request
 //! type that completed requests in the interval, in type order; then, if
@@ -279,7 +286,7 @@ pub struct PerfProbes {
     pub clients_gone_with_requests: u64,
     /// Clients dropped for sending bytes that are not packets.
     pub clients_dropped: u64,
-    /// Reports made (including the last, partial one).
+    /// Reports made (including the last, partial one, unless it was empty).
     pub reports: u64,
     /// Report lines dropped because the driver did not take them.
     pub report_lines_lost: u64,
@@ -391,9 +398,19 @@ impl PerfNode {
     /// signal, or `-1`), reporting the partial interval since the last
     /// report. Does nothing if the node has stopped already (it reported
     /// then).
+    ///
+    /// An empty last interval is not reported: if no time has passed since
+    /// the last report and nothing completed since (as when the input that
+    /// stops the node is the first after an interval's end, which it
+    /// reported), there is no line of "interval 0.000 s: no requests
+    /// completed".
     pub fn finish(&mut self, now: Instant) {
         if !self.stopped {
-            self.report(now);
+            let empty =
+                now.ns_since(self.interval_started_at) == 0 && self.types.is_empty() && self.untimed == 0;
+            if !empty {
+                self.report(now);
+            }
             self.stopped = true;
             self.client = None;
         }

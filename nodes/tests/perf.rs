@@ -548,6 +548,51 @@ fn finish_reports_the_partial_interval_once() {
     assert_eq!(h.node.poll_timeout(), None);
 }
 
+#[test]
+fn no_empty_last_report_when_the_upstream_closes_right_at_an_interval_boundary() {
+    let mut h = Harness::new();
+    h.connect(A);
+    h.client_sends(A, &kvlds(1, &get(b"k")));
+    h.at(2 * MS).answer(1);
+    // The close is the first input after the interval's end: it reports the
+    // interval, then stops the node at the same instant.
+    h.at(INTERVAL_NS).input(Input::Closed { conn: ConnId::UPSTREAM, reason: ConnClosed::PeerClosed });
+    let (failure, message) = h.exit.clone().expect("perf exits without its target");
+    assert!(failure && message.contains("target connection closed"), "{message}");
+    assert_eq!(h.reports.len(), 1, "{:?}", h.reports);
+    assert_eq!(h.reports[0].interval_ns(), INTERVAL_NS);
+    assert_eq!(h.summaries(GET)[0].count, 1);
+    assert!(!h.reports.iter().any(|l| l.to_string().contains("interval 0.000 s")), "{:?}", h.reports);
+    assert_eq!(h.node.probes().reports, 1);
+
+    // The same when the driver stops the node (finish) at the instant of a
+    // report made by a timeout.
+    let mut h = Harness::new();
+    h.at(INTERVAL_NS).timeout();
+    assert_eq!(h.reports, [ReportLine::Idle { interval_ns: INTERVAL_NS }]);
+    h.node.finish(Instant::from_nanos(INTERVAL_NS));
+    h.drain();
+    assert_eq!(h.reports.len(), 1, "{:?}", h.reports);
+    assert_eq!(h.node.poll_timeout(), None);
+}
+
+#[test]
+fn a_last_interval_of_no_time_is_reported_if_something_completed_in_it() {
+    let mut h = Harness::new();
+    h.connect(A);
+    h.client_sends(A, &kvlds(1, &get(b"k")));
+    // The answer is the first input after the interval's end: the interval
+    // is reported, then the answer counts in the next one, which the stop
+    // at the same instant reports.
+    h.at(INTERVAL_NS).answer(1);
+    assert_eq!(h.reports, [ReportLine::Idle { interval_ns: INTERVAL_NS }]);
+    h.node.finish(Instant::from_nanos(INTERVAL_NS));
+    h.drain();
+    assert_eq!(h.reports.len(), 2, "{:?}", h.reports);
+    assert_eq!(h.reports[1].interval_ns(), 0);
+    assert_eq!(h.summaries(GET)[0].count, 1);
+}
+
 // ----- bounds ------------------------------------------------------------------------
 
 #[test]

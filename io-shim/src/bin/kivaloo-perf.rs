@@ -5,6 +5,20 @@
 //! The node's report lines go to the `-l` file (appended, each prefixed
 //! with the UTC time it was written) or, without `-l`, to stderr; a last
 //! report of the partial interval is written when the daemon stops.
+//!
+//! Writing reports never stops the daemon or makes it panic: a line that
+//! cannot be written to stderr (closed, or a pipe whose reader has gone) is
+//! dropped; a write to the `-l` file that fails (disk full, I/O error) is
+//! logged as a warning once, and the daemon goes on proxying and tries each
+//! later line again (the lines that failed are lost; the next failure after
+//! a success is logged again). The proxying matters more than the
+//! statistics.
+//!
+//! With `-1`, the daemon exits as soon as its one client has closed its
+//! connection, without waiting for the answers the target still owes (to
+//! requests the client sent and did not wait for): its last report does
+//! not count them. A client that waits for every answer before closing
+//! loses nothing.
 
 use std::cell::Cell;
 use std::fs::{File, OpenOptions};
@@ -36,7 +50,9 @@ struct Flags {
     /// time): a unix socket path, host:port or [ip]:port.
     #[arg(short = 's', value_name = "source socket", required = true)]
     sources: Vec<String>,
-    /// File the statistics are appended to (default: stderr).
+    /// File the statistics are appended to (default: stderr). A failed
+    /// write is logged once (until a write succeeds again), and the daemon
+    /// goes on; the lines not written are lost.
     #[arg(short = 'l', value_name = "logfile")]
     logfile: Option<PathBuf>,
     /// Seconds between reports.
@@ -46,7 +62,9 @@ struct Flags {
     /// Pidfile (default: <first source socket>.pid).
     #[arg(short = 'p', value_name = "pidfile")]
     pidfile: Option<PathBuf>,
-    /// Exit after handling one connection.
+    /// Exit after handling one connection: once the client closes it,
+    /// without waiting for answers the target still owes (the last report
+    /// does not count them).
     #[arg(short = '1')]
     one_connection: bool,
     /// Stay in the foreground (for service managers).
@@ -91,7 +109,7 @@ enum StatsSink {
     /// Through the daemon's log, to stderr.
     Stderr,
     /// Appended to the `-l` file; `failing` while writes fail (said once
-    /// per failing streak).
+    /// per failing streak; the daemon goes on, the lines are lost).
     File { path: PathBuf, file: File, failing: bool },
 }
 
