@@ -44,7 +44,7 @@ const IN_FLIGHT: usize = 256;
 /// Every page of this store is rewritten tens of times a second, which a
 /// real store is not; the cost ratio that balances storage against I/O at
 /// that rate is correspondingly high.
-const STORAGE_COST: &str = "1e14";
+const STORAGE_COST: &str = "1e8";
 const SPACE_FACTOR: f64 = 3.0;
 
 /// A daemon in the foreground; killed and reaped when dropped.
@@ -202,6 +202,15 @@ fn updating_a_fixed_key_set_keeps_the_lbs_directory_bounded() {
         assert!(Instant::now() < deadline, "kvlds did not log its census:\n{text}");
         std::thread::sleep(Duration::from_millis(20));
     };
+    for log in [&lbs_log, &kvlds_log] {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        println!(
+            "--- {} (last lines) ---\n{}",
+            log.display(),
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        );
+    }
     let live_bytes = tree_pages * RECORD_BYTES;
     let pair_bytes = KEYS * (2 + 40 + 40);
     println!("tree: {tree_pages} pages = {live_bytes} bytes as lbs records; pairs: {pair_bytes} bytes");

@@ -1861,3 +1861,55 @@ mod toy {
         }
     }
 }
+
+// ===========================================================================
+// Cleaning
+
+/// A store written and then left alone: cleaning moves the oldest leaves
+/// until the log is within its threshold of the tree, then stops (no timer
+/// set), rather than cleaning for ever the garbage its own commits make
+/// (a review found one leaf per commit doing exactly that). Virtual time
+/// jumps from one timer to the next; the cost ratio only scales time when
+/// no client writes, so a high one keeps the run within the harness's hour.
+#[test]
+fn cleaning_a_store_no_one_writes_settles_near_the_trees_size_and_stops() {
+    for (seed, storage_io_cost_ratio, keys) in [(1, 1e5, 400), (2, 1e7, 1500), (3, 1e9, 3000)] {
+        let config = KvldsConfig { storage_io_cost_ratio, ..kvlds_config(512) };
+        let rec = kivaloo_nodes::lbs::layout::record_len(BS);
+        let mut pair = kvlds_pair_with(seed, config, 32 * rec);
+        let c = pair.connect();
+        // Every key once, then small commits overwriting a tenth of them:
+        // the other leaves stay at the old end of the log, under garbage.
+        let mut rng = kvpair::Rng::new(seed);
+        let set = |pair: &mut Pair<KvldsNode>, k: u64, round: u64, len: u64| {
+            let value = Bytes::from(format!("{round}:{k}:{}", "v".repeat(len as usize)));
+            pair.send(c, &KvldsRequest::Set { key: Bytes::from(format!("key {k:06}")), value });
+        };
+        for k in 0..keys {
+            set(&mut pair, k, 0, rng.below(60));
+        }
+        pair.settle();
+        for round in 1..200 {
+            for _ in 0..8 {
+                let k = rng.below(keys / 10);
+                set(&mut pair, k, round, rng.below(60));
+            }
+            pair.settle();
+        }
+        pair.run_until("cleaning to settle", |p| p.kvlds().poll_timeout().is_none());
+        let node = pair.kvlds();
+        let (n, log) = (node.tree_pages().expect("counted"), node.log_blocks());
+        let probes = node.probes();
+        assert!(probes.leaves_cleaned > 0, "seed {seed}: nothing was cleaned ({probes:?})");
+        // Within the threshold (9/8 of the tree and 64 blocks), and the
+        // last commit of cleaning alone (at most 256 leaves, their parents
+        // and the root).
+        let bound = n + n / 8 + 64 + 2 * 256 + 1;
+        assert!(log <= bound, "seed {seed}: the log spans {log} blocks for a tree of {n} pages ({probes:?})");
+        // Every key still reads back.
+        for k in 0..keys {
+            let key = Bytes::from(format!("key {k:06}"));
+            assert!(matches!(pair.call(c, &KvldsRequest::Get { key }), KvldsResponse::Get(Some(_))));
+        }
+    }
+}

@@ -19,10 +19,12 @@
 //! equals the cost of cleaning. So the node spends on cleaning, every
 //! second, the I/Os that the garbage of that second costs to store:
 //!
-//! `cleans per second = garbage blocks * S * block size / (10^9 * 2_592_000)`
+//! `cleans per second = garbage blocks * S * 10^6 * block size / (10^9 * 2_592_000)`
 //!
 //! (a month taken as 30 days; one clean counted as one I/O, the write of
-//! its page). This accrues as a debt of cleans, paid by cleaning and by
+//! its page). At the default `-S 1`, 4096-byte blocks: 1.6e-6 cleans per
+//! garbage block per second, so a log with a million garbage blocks
+//! cleans about 1.6 leaves a second. This accrues as a debt of cleans, paid by cleaning and by
 //! client commits that happen to rewrite old pages: every page a commit
 //! replaces that was below the cleaning threshold pays one. The debt stays
 //! within plus or minus the tree's size: cleaning more than a tree's worth
@@ -34,7 +36,7 @@
 //! so a store that is not written is not rewritten for ever (each clean
 //! also rewrites the pages above the leaf, which makes a little garbage of
 //! its own). The node's timer is set only while there is something to
-//! clean, for the moment the next whole clean is owed.
+//! clean, for the moment enough is owed for a commit of cleaning alone.
 //!
 //! # Never blocking clients
 //!
@@ -60,6 +62,16 @@ use super::tree::{check_level, RootRef, Stall};
 
 /// Leaves one commit cleans at most.
 pub const CLEAN_LEAVES_PER_COMMIT_MAX: usize = 256;
+/// Leaves owed before a commit of cleaning alone is written (or the whole
+/// tree, if smaller): it rewrites the pages above its leaves too, so one
+/// leaf at a time would make about as much garbage as it frees.
+pub const CLEAN_ALONE_LEAVES_MIN: usize = 16;
+/// Leaves owed before a commit of cleaning alone, for a tree of
+/// `tree_pages` pages: [`CLEAN_ALONE_LEAVES_MIN`], or the whole tree.
+pub fn cleaning_alone_min(tree_pages: u64) -> usize {
+    CLEAN_ALONE_LEAVES_MIN.min(tree_pages as usize).max(1)
+}
+
 /// Pages read for cleaning at once, at most.
 pub const CLEAN_READS_MAX: usize = 64;
 /// The seconds in a month, as `-S` counts them (30 days).
@@ -88,7 +100,10 @@ pub const CENSUS_READS_MAX: usize = 32;
 /// Cleans owed per garbage block per second, for `-S` `storage_io_cost_ratio`
 /// and `block_size`-byte blocks (see the module documentation).
 pub fn cleans_per_garbage_block_per_s(storage_io_cost_ratio: f64, block_size: usize) -> f64 {
-    storage_io_cost_ratio * block_size as f64 / (1e9 * MONTH_S)
+    // GB per block, months per second, (10^6 I/Os) per GB-month, I/Os
+    // per 10^6 I/Os (in this order, any finite `-S` gives a finite rate).
+    let rate = block_size as f64 / 1e9 / MONTH_S * storage_io_cost_ratio * 1e6;
+    rate.min(f64::MAX)
 }
 
 /// The cleaner's accounts.
@@ -132,21 +147,23 @@ impl Pacing {
         self.debt_cleans = self.debt_cleans.clamp(-bound, bound);
     }
 
-    /// When a whole clean will be owed, at this much garbage (`None`: never,
-    /// or not before the accounts were first brought up to date).
-    pub fn first_clean_owed_at(&self, garbage_blocks: u64) -> Option<Instant> {
+    /// When `cleans` whole cleans will be owed, at this much garbage
+    /// (`None`: never, or not before the accounts were first brought up to
+    /// date).
+    pub fn owed_at(&self, cleans: usize, garbage_blocks: u64) -> Option<Instant> {
         let since = self.accrued_until?;
         let per_s = self.rate * garbage_blocks as f64;
         if per_s <= 0.0 {
             return None;
         }
-        let wait_ns = (1.0 - self.debt_cleans).max(0.0) / per_s * 1e9;
+        let wait_ns = (cleans as f64 - self.debt_cleans).max(0.0) / per_s * 1e9;
         // Beyond about 3 years: never, as far as a timer goes (the debt
         // still grows whenever the node looks).
         if wait_ns > CLEAN_WAIT_NS_MAX as f64 {
             return None;
         }
-        Some(since.after_ns(wait_ns as u64))
+        let at = since.ns_since(Instant::default()).checked_add(wait_ns as u64)?;
+        Some(Instant::from_nanos(at))
     }
 
     /// Leaves to clean now (whole cleans owed, at most a commit's worth).
@@ -169,11 +186,31 @@ pub struct Selection {
     pub missing: Vec<u64>,
     /// Internal pages looked into (for pinning).
     pub internal: Vec<u64>,
+    /// Level-1 pages whose leaves were taken, and the pages above level 1
+    /// looked into: with the leaves, about what a commit of these leaves
+    /// alone writes.
+    pub pages_above: usize,
+    /// The oldest block the tree will still reach once the leaves taken
+    /// are moved (at most: the oldest of what was left, or not cached).
+    pub oldest_left: u64,
 }
 
-/// Finds, oldest first, up to `want` leaves of the tree under `root` whose
+impl Selection {
+    /// Whether a commit of these leaves alone frees at least twice the
+    /// blocks it writes (the log then shrinks by at least what it writes),
+    /// where the tree's oldest block is now `oldest`.
+    pub fn worth_a_commit_alone(&self, oldest: u64) -> bool {
+        let writes = self.leaves.len() + self.pages_above;
+        !self.leaves.is_empty() && self.oldest_left.saturating_sub(oldest) >= 2 * writes as u64
+    }
+}
+
+/// Finds, oldest first, about `want` leaves of the tree under `root` whose
 /// blocks are below `threshold`, looking only at cached pages (stopping
-/// at `missing_max` pages not cached).
+/// at `missing_max` pages not cached). Leaves come in groups: when one
+/// leaf is taken, so are its siblings below the threshold, which share the
+/// pages above them that the commit rewrites anyway (so a group may take
+/// a few more than `want`).
 ///
 /// # Errors
 /// [`Stall::Corrupt`] for a page at the wrong level.
@@ -184,34 +221,80 @@ pub fn oldest_leaves(
     want: usize,
     missing_max: usize,
 ) -> Result<Selection, Stall> {
-    let mut sel = Selection::default();
-    // (oldest block of the subtree, its block, level, lowest key allowed);
-    // blocks are unique, so keys are never compared.
-    let mut heap: BinaryHeap<Reverse<(u64, u64, u8, Bytes)>> = BinaryHeap::new();
-    heap.push(Reverse((root.child.oldest_block, root.child.block, root.level, Bytes::new())));
-    while let Some(Reverse((oldest, block, level, low_key))) = heap.pop() {
+    /// What the walk has yet to look at.
+    enum Item {
+        /// A page, its level and the lowest key allowed in it.
+        Page(u64, u8, Bytes),
+        /// The leaves below the threshold under one level-1 page, with the
+        /// lowest key allowed in each.
+        Leaves(Vec<(u64, Bytes)>),
+    }
+    let mut sel = Selection { oldest_left: u64::MAX, ..Selection::default() };
+    let mut items = vec![Item::Page(root.child.block, root.level, Bytes::new())];
+    // (the oldest block under the item, its index in `items`)
+    let mut heap: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+    heap.push(Reverse((root.child.oldest_block, 0)));
+    while let Some(Reverse((oldest, i))) = heap.pop() {
         if oldest >= threshold || sel.leaves.len() >= want || sel.missing.len() >= missing_max {
+            sel.oldest_left = sel.oldest_left.min(oldest);
             break;
         }
-        let Some(page) = cache.get(block) else {
-            sel.missing.push(block);
-            continue;
-        };
-        check_level(&page, level)?;
-        match &page.body {
-            PageBody::Leaf { pairs } => {
-                let key = pairs.first().map_or(low_key, |(k, _)| k.clone());
-                sel.leaves.push((key, block));
+        match std::mem::replace(&mut items[i], Item::Leaves(Vec::new())) {
+            Item::Leaves(leaves) => {
+                sel.pages_above += 1;
+                for (block, low_key) in leaves {
+                    match cache.get(block) {
+                        None => {
+                            sel.missing.push(block);
+                            sel.oldest_left = sel.oldest_left.min(block);
+                        }
+                        Some(page) => {
+                            check_level(&page, 0)?;
+                            let PageBody::Leaf { pairs } = &page.body else { unreachable!("level 0") };
+                            sel.leaves.push((pairs.first().map_or(low_key, |(k, _)| k.clone()), block));
+                        }
+                    }
+                }
             }
-            PageBody::Internal { keys, children } => {
-                sel.internal.push(block);
-                for (i, c) in children.iter().enumerate().filter(|(_, c)| c.oldest_block < threshold) {
-                    let low = if i == 0 { low_key.clone() } else { keys[i - 1].clone() };
-                    heap.push(Reverse((c.oldest_block, c.block, level - 1, low)));
+            Item::Page(block, level, low_key) => {
+                let Some(page) = cache.get(block) else {
+                    sel.missing.push(block);
+                    sel.oldest_left = sel.oldest_left.min(oldest);
+                    continue;
+                };
+                check_level(&page, level)?;
+                match &page.body {
+                    // Only a root can be a leaf here.
+                    PageBody::Leaf { pairs } => {
+                        sel.leaves.push((pairs.first().map_or(low_key, |(k, _)| k.clone()), block));
+                    }
+                    PageBody::Internal { keys, children } => {
+                        sel.internal.push(block);
+                        let old = children.iter().enumerate().filter(|(_, c)| c.oldest_block < threshold);
+                        let low = |j: usize| if j == 0 { low_key.clone() } else { keys[j - 1].clone() };
+                        if level > 1 {
+                            sel.pages_above += 1;
+                        }
+                        // (Children at or above the threshold are not
+                        // looked at: they stay, so the tree will still
+                        // reach the threshold at least.)
+                        if level == 1 {
+                            let leaves: Vec<(u64, Bytes)> = old.map(|(j, c)| (c.block, low(j))).collect();
+                            items.push(Item::Leaves(leaves));
+                            heap.push(Reverse((oldest, items.len() - 1)));
+                        } else {
+                            for (j, c) in old {
+                                items.push(Item::Page(c.block, level - 1, low(j)));
+                                heap.push(Reverse((c.oldest_block, items.len() - 1)));
+                            }
+                        }
+                    }
                 }
             }
         }
     }
+    // What was never pushed is at or above the threshold.
+    sel.oldest_left = sel.oldest_left.min(threshold);
     Ok(sel)
 }
 
@@ -359,10 +442,14 @@ mod tests {
 
     #[test]
     fn the_rate_follows_the_cost_ratio_and_the_block_size() {
+        // kivaloo's figure: 1.6e-6 cleans per garbage block per second at
+        // -S 1 with 4096-byte blocks.
         let r = cleans_per_garbage_block_per_s(1.0, 4096);
-        assert!((r - 4096.0 / 2.592e15).abs() < 1e-20, "{r}");
+        assert!((r - 4096.0 / 2.592e9).abs() < 1e-15, "{r}");
+        assert!((1.5e-6..1.6e-6).contains(&r), "{r}");
         assert_eq!(cleans_per_garbage_block_per_s(0.0, 4096), 0.0);
-        assert!((cleans_per_garbage_block_per_s(2.0, 2048) - r).abs() < 1e-20);
+        assert!((cleans_per_garbage_block_per_s(2.0, 2048) - r).abs() < 1e-15);
+        assert!(cleans_per_garbage_block_per_s(f64::MAX, 131_072).is_finite());
     }
 
     #[test]
@@ -397,16 +484,20 @@ mod tests {
         let (pages, root) = tree();
         let mut cache = cache_of(&pages, &[]);
         let sel = oldest_leaves(&mut cache, root, 100, 10, 10).unwrap();
+        // The group of the oldest leaf (1, with its sibling 5), then the
+        // next group (3 and 7).
         let blocks: Vec<u64> = sel.leaves.iter().map(|(_, b)| *b).collect();
-        assert_eq!(blocks, [1, 3, 5, 7]);
+        assert_eq!(blocks, [5, 1, 3, 7]);
         let keys: Vec<&[u8]> = sel.leaves.iter().map(|(k, _)| k.as_ref()).collect();
         // An empty leaf is reached by the lowest key its parent allows.
-        assert_eq!(keys, [b"c".as_ref(), b"m", b"a", b"x"]);
+        assert_eq!(keys, [b"a".as_ref(), b"c", b"m", b"x"]);
         assert!(sel.missing.is_empty());
+        // Siblings above the threshold stay.
         let sel = oldest_leaves(&mut cache, root, 4, 10, 10).unwrap();
         assert_eq!(sel.leaves.iter().map(|(_, b)| *b).collect::<Vec<_>>(), [1, 3]);
+        // A group is taken whole, even past `want`.
         let sel = oldest_leaves(&mut cache, root, 100, 1, 10).unwrap();
-        assert_eq!(sel.leaves.len(), 1);
+        assert_eq!(sel.leaves.iter().map(|(_, b)| *b).collect::<Vec<_>>(), [5, 1]);
     }
 
     #[test]

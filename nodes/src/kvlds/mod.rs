@@ -219,6 +219,10 @@ struct Load {
     recovery: bool,
     census: bool,
     cleaning: bool,
+    /// For a cleaning read: the committed root when it was asked for. If
+    /// that is still the committed root when the page comes, the page is
+    /// part of the tree and must be there.
+    cleaning_root: Option<u64>,
 }
 
 /// The client connection.
@@ -288,6 +292,8 @@ struct Batch {
     /// Pages below this block count as cleaned when the batch replaces
     /// them (the cleaning threshold when it started).
     clean_below: u64,
+    /// Whether the batch took any client request.
+    took_requests: bool,
 }
 
 /// The kvlds state machine. It is built with its upstream connection to
@@ -329,6 +335,9 @@ pub struct KvldsNode {
     cleaning_ready: bool,
     /// When the cleaner next looks at its debt if nothing else happens.
     clean_tick_due: Instant,
+    /// Set when a commit of cleaning alone was not worth it, to the next
+    /// block then: the cleaner sets no timer until a commit moves it.
+    cleaning_idle_at: Option<u64>,
 }
 
 impl KvldsNode {
@@ -364,6 +373,7 @@ impl KvldsNode {
             cleaning_reads: 0,
             cleaning_ready: false,
             clean_tick_due: Instant::default(),
+            cleaning_idle_at: None,
         };
         node.upstream(LbsRequest::Params2, UpRequest::Params2);
         node.flush();
@@ -472,7 +482,13 @@ impl KvldsNode {
             // found: reads and the batch may have joined it.
         }
         // Readers of a client that left are gone from `reads`.
-        let needed = load.readers.iter().any(|id| self.reads.contains_key(id)) || load.batch || load.census;
+        let cleaning_needed = load.cleaning
+            && load.cleaning_root.is_some()
+            && load.cleaning_root == self.committed.map(|r| r.child.block);
+        let needed = load.readers.iter().any(|id| self.reads.contains_key(id))
+            || load.batch
+            || (load.census && matches!(self.phase, Phase::Counting(_)))
+            || cleaning_needed;
         let Some(data) = data else {
             if needed {
                 return self.exit(format!("block {block} is part of the tree, but lbs does not have it"));
@@ -502,7 +518,9 @@ impl KvldsNode {
         }
         if load.cleaning {
             self.probes.cleaning_reads += 1;
-            self.cache.pin(block);
+            if self.pacing.owed() > 0 {
+                self.cache.pin(block);
+            }
         }
         for id in load.readers {
             self.continue_read(id);
@@ -514,9 +532,6 @@ impl KvldsNode {
             self.run_batch();
         } else if load.prefetch {
             self.prefetch();
-        }
-        if load.cleaning && self.cleaning_reads == 0 && !self.stopped() {
-            self.clean_step();
         }
     }
 
@@ -593,7 +608,17 @@ impl KvldsNode {
                 self.tree_pages = Some(pages);
                 self.start_serving();
             }
-            Err(stall) => self.stalled_on_corruption(stall),
+            Err(Stall::Corrupt { block, why }) => {
+                // The rest of the tree may still be read (and dumped):
+                // serve without cleaning; a request that reaches the page
+                // stops the node then.
+                self.log(
+                    LogLevel::Error,
+                    format!("block {block} of the tree is corrupt ({why}); serving with cleaning off"),
+                );
+                self.start_serving();
+            }
+            Err(Stall::NeedPage(block)) => self.exit(format!("the census needed block {block} unasked")),
         }
     }
 
@@ -856,6 +881,7 @@ impl KvldsNode {
             cleaning_done: false,
             leaves_cleaned: 0,
             clean_below: self.clean_threshold(),
+            took_requests: false,
         });
         self.run_batch();
     }
@@ -886,6 +912,7 @@ impl KvldsNode {
                 match batch.tree.apply(&w.request, &mut self.cache) {
                     Ok(done) => {
                         batch.answers.push((w.generation, w.req_id, done));
+                        batch.took_requests = true;
                         self.queue.pop_front();
                     }
                     Err(stall) => return self.batch_stalled(batch, stall),
@@ -957,6 +984,14 @@ impl KvldsNode {
         self.committed.map_or(0, |r| self.next_block.saturating_sub(r.child.oldest_block))
     }
 
+    /// Whether the cache can pin a leaf and the pages above it (half the
+    /// cache may be pinned). If not, cleaning happens only within client
+    /// batches, with the pages they bring, and sets no timer: reading pages
+    /// that evict each other would never end.
+    fn cleaning_can_pin_a_path(&self) -> bool {
+        self.committed.is_some_and(|r| self.cache.pages_max() / 2 > usize::from(r.level))
+    }
+
     /// Leaves below this block are old enough to clean (0 while cleaning
     /// is off): [`clean::clean_threshold`].
     fn clean_threshold(&self) -> u64 {
@@ -971,6 +1006,7 @@ impl KvldsNode {
         self.pacing.accrue(self.now, self.log_blocks(), tree_pages);
         let want = self.pacing.owed();
         if want == 0 {
+            self.cache.unpin_all();
             return true;
         }
         let sel = match clean::oldest_leaves(
@@ -1004,17 +1040,25 @@ impl KvldsNode {
         true
     }
 
-    /// Between batches: brings the debt up to date, pins the oldest leaves
-    /// found in the cache (and the pages above them) for the next batch,
-    /// reads those that are not, and starts a batch of cleaning alone when
-    /// no client request waits.
+    /// Between batches (after each commit, and on the cleaner's timer):
+    /// brings the debt up to date, pins the oldest leaves found in the
+    /// cache (and the pages above them) for the next batch, reads those
+    /// that are not, and starts a batch of cleaning alone when no client
+    /// request waits. A page read for cleaning is pinned when it comes and
+    /// waits for the next of these: looking again at once, in a small
+    /// cache, could evict what the last read brought and read it again, for
+    /// ever.
     fn clean_step(&mut self) {
         if !matches!(self.phase, Phase::Serving) {
             return;
         }
         let (Some(tree_pages), Some(root)) = (self.tree_pages, self.committed) else { return };
+        if !self.cleaning_can_pin_a_path() {
+            return;
+        }
         self.clean_tick_due = self.now.after_ns(clean::CLEAN_TICK_NS);
         self.pacing.accrue(self.now, self.log_blocks(), tree_pages);
+        self.cache.unpin_all();
         let want = self.pacing.owed();
         if want == 0 {
             return;
@@ -1024,12 +1068,22 @@ impl KvldsNode {
             Ok(sel) => sel,
             Err(stall) => return self.stalled_on_corruption(stall),
         };
-        self.cache.unpin_all();
-        for &block in sel.leaves.iter().map(|(_, b)| b).chain(&sel.internal) {
+        // The pages above the leaves first: without them a leaf cannot be
+        // reached.
+        for &block in sel.internal.iter().chain(sel.leaves.iter().map(|(_, b)| b)) {
             self.cache.pin(block);
         }
         self.read_for_cleaning(&sel.missing);
-        if !sel.leaves.is_empty() && self.batch.is_none() && self.queue.is_empty() {
+        // A commit of its own rewrites the pages above its leaves too: it
+        // waits until enough is owed for that to be worth it.
+        let alone = want >= clean::cleaning_alone_min(tree_pages);
+        if alone && !sel.worth_a_commit_alone(root.child.oldest_block) && sel.missing.is_empty() {
+            // Moving these few leaves would not shrink the log: leave them
+            // to client commits, and set no timer until one comes.
+            self.cleaning_idle_at = Some(self.next_block);
+            return;
+        }
+        if alone && !sel.leaves.is_empty() && self.batch.is_none() && self.queue.is_empty() {
             self.cleaning_ready = true;
             self.maybe_start_batch();
         }
@@ -1045,7 +1099,11 @@ impl KvldsNode {
             }
             if !self.loads.contains_key(&block) {
                 self.cleaning_reads += 1;
-                self.load(block, |l| l.cleaning = true);
+                let root = self.committed.map(|r| r.child.block);
+                self.load(block, |l| {
+                    l.cleaning = true;
+                    l.cleaning_root = root;
+                });
             }
         }
     }
@@ -1118,7 +1176,7 @@ impl KvldsNode {
         if batch.leaves_cleaned > 0 {
             self.probes.cleaning_commits += 1;
             self.probes.leaves_cleaned += batch.leaves_cleaned;
-            if batch.answers.is_empty() {
+            if !batch.took_requests {
                 self.probes.cleaning_only_commits += 1;
             }
         }
@@ -1271,13 +1329,19 @@ impl Node for KvldsNode {
             (None, Some(first)) => Some(first.arrived.after_ns(self.config.commit_delay_ns)),
             _ => None,
         };
-        // While there are leaves old enough to clean: when the next clean
-        // is owed, and no sooner than a tick after the cleaner last looked.
+        // While there are leaves old enough to clean: when enough is owed
+        // for a commit of cleaning alone, and no sooner than a tick after
+        // the cleaner last looked.
         let clean_due = match (self.tree_pages, self.committed) {
-            (Some(n), Some(root)) if root.child.oldest_block < self.clean_threshold() => self
-                .pacing
-                .first_clean_owed_at(self.log_blocks().saturating_sub(n))
-                .map(|owed| owed.max(self.clean_tick_due)),
+            (Some(n), Some(root))
+                if root.child.oldest_block < self.clean_threshold()
+                    && self.cleaning_can_pin_a_path()
+                    && self.cleaning_idle_at != Some(self.next_block) =>
+            {
+                self.pacing
+                    .owed_at(clean::cleaning_alone_min(n), self.log_blocks().saturating_sub(n))
+                    .map(|owed| owed.max(self.clean_tick_due))
+            }
             _ => None,
         };
         match (commit_due, clean_due) {
