@@ -233,6 +233,17 @@ fn updating_a_fixed_key_set_keeps_the_lbs_directory_bounded() {
              and two files ({allowed:.0})"
         );
     }
+    // Liveness, not speed: a store that stalls (a review once saw one
+    // answer every few seconds for a minute) fails; 256 updates in any 5
+    // seconds is hundreds of times below what this machine does.
+    for w in samples.windows(6) {
+        let ((t0, _, u0), (t1, _, u1)) = (w[0], w[5]);
+        assert!(
+            u1 - u0 >= IN_FLIGHT as u64,
+            "from {t0:.1} s to {t1:.1} s only {} updates were answered",
+            u1 - u0
+        );
+    }
     let (_, _, updates) = samples.last().copied().unwrap();
     assert!(
         updates >= 2 * KEYS,
