@@ -44,7 +44,12 @@ mutants=(
 # The unmutated tree must pass the same sweep, or a false failure would make
 # every mutant look caught.
 cargo build --release -q -p kivaloo-sim
-mkdir "$work/clean" && grep -L '^space_factor' scenarios/*.toml | xargs cp -t "$work/clean/"
+# Copies the scenarios named to directory $1, but those of the space oracle.
+copy_but_space() {
+  local dest=$1; shift
+  for f in "$@"; do grep -q '^space_factor' "$f" || cp "$f" "$dest/"; done
+}
+mkdir "$work/clean" && copy_but_space "$work/clean" scenarios/*.toml
 if ! "$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/clean" --seeds "$seeds" >"$work/clean.log" \
   || ! "$CARGO_TARGET_DIR/release/kivaloo-sim" sweep scenarios/kvlds-space.toml >>"$work/clean.log"; then
   echo "the unmutated tree fails the sweep:"; grep '^FAILED' "$work/clean.log"; exit 1
@@ -72,7 +77,7 @@ PY
     cp "$work/tree/scenarios/kvlds-space.toml" "$work/scenarios/"
     out=$("$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/scenarios" || true)
   else
-    grep -L '^space_factor' "$work/tree/scenarios/$prefix"-*.toml | xargs cp -t "$work/scenarios/"
+    copy_but_space "$work/scenarios" "$work/tree/scenarios/$prefix"-*.toml
     out=$("$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/scenarios" --seeds "$seeds" || true)
   fi
   first=$(echo "$out" | grep -m1 '^FAILED:' || true)
