@@ -69,7 +69,7 @@ pub const CLEAN_ALONE_LEAVES_MIN: usize = 16;
 /// Leaves owed before a commit of cleaning alone, for a tree of
 /// `tree_pages` pages: [`CLEAN_ALONE_LEAVES_MIN`], or the whole tree.
 pub fn cleaning_alone_min(tree_pages: u64) -> usize {
-    CLEAN_ALONE_LEAVES_MIN.min(tree_pages as usize).max(1)
+    tree_pages.clamp(1, CLEAN_ALONE_LEAVES_MIN as u64) as usize
 }
 
 /// Pages read for cleaning at once, at most.
@@ -132,7 +132,9 @@ impl Pacing {
         let since = self.accrued_until.replace(now).unwrap_or(now);
         let garbage_blocks = log_blocks.saturating_sub(tree_pages) as f64;
         let seconds = now.ns_since(since) as f64 / 1e9;
-        self.debt_cleans += self.rate * garbage_blocks * seconds;
+        // (Garbage times time first: with no time or no garbage nothing is
+        // owed, however large the rate; an infinite debt is clamped.)
+        self.debt_cleans += self.rate * (garbage_blocks * seconds);
         self.clamp(tree_pages);
     }
 
@@ -144,7 +146,8 @@ impl Pacing {
 
     fn clamp(&mut self, tree_pages: u64) {
         let bound = tree_pages as f64;
-        self.debt_cleans = self.debt_cleans.clamp(-bound, bound);
+        self.debt_cleans =
+            if self.debt_cleans.is_nan() { 0.0 } else { self.debt_cleans.clamp(-bound, bound) };
     }
 
     /// When `cleans` whole cleans will be owed, at this much garbage

@@ -338,6 +338,8 @@ pub struct KvldsNode {
     /// Set when a commit of cleaning alone was not worth it, to the next
     /// block then: the cleaner sets no timer until a commit moves it.
     cleaning_idle_at: Option<u64>,
+    /// The census found the tree damaged: nothing is FREEd.
+    frees_disabled: bool,
 }
 
 impl KvldsNode {
@@ -374,6 +376,7 @@ impl KvldsNode {
             cleaning_ready: false,
             clean_tick_due: Instant::default(),
             cleaning_idle_at: None,
+            frees_disabled: false,
         };
         node.upstream(LbsRequest::Params2, UpRequest::Params2);
         node.flush();
@@ -485,11 +488,13 @@ impl KvldsNode {
         let cleaning_needed = load.cleaning
             && load.cleaning_root.is_some()
             && load.cleaning_root == self.committed.map(|r| r.child.block);
-        let needed = load.readers.iter().any(|id| self.reads.contains_key(id))
-            || load.batch
-            || (load.census && matches!(self.phase, Phase::Counting(_)))
-            || cleaning_needed;
+        let needed =
+            load.readers.iter().any(|id| self.reads.contains_key(id)) || load.batch || cleaning_needed;
+        let counting = load.census && matches!(self.phase, Phase::Counting(_));
         let Some(data) = data else {
+            if counting && !needed {
+                return self.census_failed(block, "lbs does not have it".into());
+            }
             if needed {
                 return self.exit(format!("block {block} is part of the tree, but lbs does not have it"));
             }
@@ -501,6 +506,7 @@ impl KvldsNode {
             Err(e) if needed => {
                 return self.exit(format!("block {block} is part of the tree but corrupt: {e}"))
             }
+            Err(e) if counting => return self.census_failed(block, e.to_string()),
             Err(e) => {
                 return self
                     .log(LogLevel::Warn, format!("block {block}, read ahead, is not a valid page: {e}"));
@@ -511,7 +517,12 @@ impl KvldsNode {
         if load.census {
             if let Phase::Counting(census) = &mut self.phase {
                 if let Err(stall) = census.arrived(&page) {
-                    return self.stalled_on_corruption(stall);
+                    return match stall {
+                        Stall::Corrupt { block, why } => self.census_failed(block, why),
+                        Stall::NeedPage(block) => {
+                            self.exit(format!("the census needed block {block} unasked"))
+                        }
+                    };
                 }
                 return self.count_tree();
             }
@@ -608,18 +619,23 @@ impl KvldsNode {
                 self.tree_pages = Some(pages);
                 self.start_serving();
             }
-            Err(Stall::Corrupt { block, why }) => {
-                // The rest of the tree may still be read (and dumped):
-                // serve without cleaning; a request that reaches the page
-                // stops the node then.
-                self.log(
-                    LogLevel::Error,
-                    format!("block {block} of the tree is corrupt ({why}); serving with cleaning off"),
-                );
-                self.start_serving();
-            }
+            Err(Stall::Corrupt { block, why }) => self.census_failed(block, why),
             Err(Stall::NeedPage(block)) => self.exit(format!("the census needed block {block} unasked")),
         }
+    }
+
+    /// The census met a page of the tree that is missing or corrupt. The
+    /// rest of the tree may still be read (and dumped): serve, with
+    /// cleaning off and nothing FREEd (the tree's own records of its
+    /// oldest blocks are in doubt); a request that reaches the page stops
+    /// the node then.
+    fn census_failed(&mut self, block: u64, why: String) {
+        self.log(
+            LogLevel::Error,
+            format!("block {block} of the tree is bad ({why}); serving with cleaning off and nothing freed"),
+        );
+        self.frees_disabled = true;
+        self.start_serving();
     }
 
     fn start_serving(&mut self) {
@@ -1077,9 +1093,18 @@ impl KvldsNode {
         // A commit of its own rewrites the pages above its leaves too: it
         // waits until enough is owed for that to be worth it.
         let alone = want >= clean::cleaning_alone_min(tree_pages);
-        if alone && !sel.worth_a_commit_alone(root.child.oldest_block) && sel.missing.is_empty() {
-            // Moving these few leaves would not shrink the log: leave them
-            // to client commits, and set no timer until one comes.
+        // Moving these few leaves would not shrink the log: leave them to
+        // client commits, and set no timer until one comes. (With leaves
+        // still being read, a partial group may go, but only while the log
+        // is past the threshold by as much again: else a cache smaller
+        // than the tree would move a few leaves at a time for ever.)
+        let slack = tree_pages / 8 + clean::GARBAGE_BLOCKS_MIN;
+        let far_behind = root.child.oldest_block < threshold.saturating_sub(slack);
+        if alone
+            && !sel.worth_a_commit_alone(root.child.oldest_block)
+            && (sel.missing.is_empty() || !far_behind)
+        {
+            self.cache.unpin_all();
             self.cleaning_idle_at = Some(self.next_block);
             return;
         }
@@ -1209,6 +1234,9 @@ impl KvldsNode {
     /// from the committed tree or from the tree any read in progress reads.
     fn maybe_free(&mut self) {
         let Some(root) = self.committed else { return };
+        if self.frees_disabled {
+            return;
+        }
         let oldest =
             self.reads.values().map(|r| r.snapshot_oldest_block).fold(root.child.oldest_block, u64::min);
         if oldest > self.freed_below {
