@@ -1089,7 +1089,6 @@ impl KvldsNode {
         for &block in sel.internal.iter().chain(sel.leaves.iter().map(|(_, b)| b)) {
             self.cache.pin(block);
         }
-        self.read_for_cleaning(&sel.missing);
         // A commit of its own rewrites the pages above its leaves too: it
         // waits until enough is owed for that to be worth it.
         let alone = want >= clean::cleaning_alone_min(tree_pages);
@@ -1108,6 +1107,7 @@ impl KvldsNode {
             self.cleaning_idle_at = Some(self.next_block);
             return;
         }
+        self.read_for_cleaning(&sel.missing);
         if alone && !sel.leaves.is_empty() && self.batch.is_none() && self.queue.is_empty() {
             self.cleaning_ready = true;
             self.maybe_start_batch();
