@@ -1,6 +1,19 @@
-//! Sizes as kivaloo's flags take them (libcperciva's `humansize_parse`):
-//! digits, an optional space, an optional SI prefix (k, M, G, T, P, E:
-//! powers of 1000) and an optional `B`, e.g. `1000000`, `64 MB`, `2G`.
+//! Numbers as kivaloo's flags take them: sizes (libcperciva's
+//! `humansize_parse`): digits, an optional space, an optional SI prefix
+//! (k, M, G, T, P, E: powers of 1000) and an optional `B`, e.g. `1000000`,
+//! `64 MB`, `2G`; and kvlds's `-S` cost ratio.
+
+/// Parses `s` as kvlds's `-S` (`kivaloo serve --storage-cost`): a finite,
+/// non-negative number.
+///
+/// # Errors
+/// A message for the operator otherwise.
+pub fn parse_cost_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a non-negative number")),
+    }
+}
 
 /// Parses `s` as a size in bytes.
 ///

@@ -11,7 +11,7 @@ use clap::Parser;
 use kivaloo::LogLevel;
 use kivaloo_io_shim::addr::{connect, Listener, SocketAddr};
 use kivaloo_io_shim::daemon::{daemonize, signal_ready, write_pidfile};
-use kivaloo_io_shim::humansize::parse_size_bytes;
+use kivaloo_io_shim::humansize::{parse_cost_ratio, parse_size_bytes};
 use kivaloo_io_shim::runtime::{build_runtime, log, run_node, RunOptions, Upstream};
 use kivaloo_nodes::kvlds::{KvldsConfig, KvldsNode};
 
@@ -64,14 +64,6 @@ struct Flags {
     /// Stay in the foreground (for service managers).
     #[arg(short = 'F')]
     foreground: bool,
-}
-
-/// `-S`: a finite, non-negative number.
-fn parse_cost_ratio(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
-        _ => Err(format!("{s:?} is not a non-negative number")),
-    }
 }
 
 /// `-w`: seconds (a float) to nanoseconds.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use kivaloo::LogLevel;
 use kivaloo_io_shim::addr::SocketAddr;
-use kivaloo_io_shim::humansize::parse_size_bytes;
+use kivaloo_io_shim::humansize::{parse_cost_ratio, parse_size_bytes};
 use kivaloo_io_shim::runtime::{build_runtime, log};
 use kivaloo_io_shim::serve::{serve, ServeOptions};
 use kivaloo_nodes::kvlds::STORAGE_IO_COST_RATIO_DEFAULT;
@@ -54,16 +54,8 @@ struct ServeArgs {
     /// a month over the cost of 10^6 I/Os. Higher cleans more and keeps
     /// less garbage on disk; 0 turns cleaning off.
     #[arg(long, value_name = "RATIO", default_value_t = STORAGE_IO_COST_RATIO_DEFAULT,
-          value_parser = parse_storage_cost)]
+          value_parser = parse_cost_ratio)]
     storage_cost: f64,
-}
-
-/// `--storage-cost`: a finite, non-negative number.
-fn parse_storage_cost(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
-        _ => Err(format!("{s:?} is not a non-negative number")),
-    }
 }
 
 fn run_serve(args: ServeArgs) -> i32 {
