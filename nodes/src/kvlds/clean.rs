@@ -58,7 +58,7 @@ use kivaloo::contract::Instant;
 
 use super::cache::PageCache;
 use super::page::{ChildRef, Page, PageBody};
-use super::tree::{check_level, RootRef, Stall};
+use super::tree::{check_child, check_level, RootRef, Stall};
 
 /// Leaves one commit cleans at most.
 pub const CLEAN_LEAVES_PER_COMMIT_MAX: usize = 256;
@@ -373,22 +373,7 @@ impl Census {
     }
 
     fn count(&mut self, page: &Page, r: ChildRef, level: u8) -> Result<(), Stall> {
-        if page.level != level
-            || page.page_len() != r.page_len as usize
-            || page.oldest_block() != r.oldest_block
-        {
-            return Err(Stall::Corrupt {
-                block: r.block,
-                why: format!(
-                    "its parent records level {level}, {} bytes and oldest block {}; the page has level {}, {} and {}",
-                    r.page_len,
-                    r.oldest_block,
-                    page.level,
-                    page.page_len(),
-                    page.oldest_block()
-                ),
-            });
-        }
+        check_child(page, r, level)?;
         if let PageBody::Internal { children, .. } = &page.body {
             self.pages += children.len() as u64;
             if level >= 2 {

@@ -15,8 +15,6 @@
 //! adjacent siblings, merged, would be longer than 2/3 of a block. The root
 //! may be any size; an internal root has at least two children.
 
-use std::rc::Rc;
-
 use bytes::Bytes;
 use kivaloo::kvlds_proto::KvldsRequest;
 
@@ -159,21 +157,7 @@ impl DirtyTree {
     /// Copies the clean page `r` (expected at `level`) into the arena.
     fn copy_in(&mut self, r: ChildRef, level: u8, cache: &mut PageCache) -> Result<usize, Stall> {
         let page = cache.get(r.block).ok_or(Stall::NeedPage(r.block))?;
-        check_level(&page, level)?;
-        // Merges are decided on the lengths parents record: a page that
-        // disagrees with its parent must not be trusted.
-        if page.page_len() != r.page_len as usize || page.oldest_block() != r.oldest_block {
-            return Err(Stall::Corrupt {
-                block: r.block,
-                why: format!(
-                    "its parent records {} bytes and oldest block {}, the page has {} and {}",
-                    r.page_len,
-                    r.oldest_block,
-                    page.page_len(),
-                    page.oldest_block()
-                ),
-            });
-        }
+        check_child(&page, r, level)?;
         self.superseded.push(r.block);
         let body = match &page.body {
             PageBody::Leaf { pairs } => DirtyBody::Leaf(pairs.clone()),
@@ -684,12 +668,37 @@ pub fn merged_len(a: usize, b: usize, level: u8, sep: &Bytes) -> usize {
     }
 }
 
+/// Checks that a page read for a place in the tree is what its parent's
+/// reference says: its level, its length and its oldest block. Merges are
+/// decided on the lengths parents record, and FREE and cleaning on the
+/// oldest blocks: a page that disagrees with its parent must not be
+/// trusted.
+///
+/// # Errors
+/// [`Stall::Corrupt`] naming the block.
+pub fn check_child(page: &Page, r: ChildRef, level: u8) -> Result<(), Stall> {
+    check_level(page, level)?;
+    if page.page_len() != r.page_len as usize || page.oldest_block() != r.oldest_block {
+        return Err(Stall::Corrupt {
+            block: r.block,
+            why: format!(
+                "its parent records {} bytes and oldest block {}, the page has {} and {}",
+                r.page_len,
+                r.oldest_block,
+                page.page_len(),
+                page.oldest_block()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Checks that a page read for a place in the tree is at the level its
 /// parent implies.
 ///
 /// # Errors
 /// [`Stall::Corrupt`] naming the block.
-pub fn check_level(page: &Rc<Page>, level: u8) -> Result<(), Stall> {
+pub fn check_level(page: &Page, level: u8) -> Result<(), Stall> {
     if page.level != level {
         return Err(Stall::Corrupt {
             block: page.block,
