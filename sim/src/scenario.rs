@@ -4,7 +4,7 @@
 //! testing), from its own stream, so one scenario covers quiet and hostile
 //! runs alike. The format is documented in `scenarios/README.md`.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::rng::{Concern, Stream};
 use crate::storage::DiskFaults;
@@ -13,7 +13,7 @@ use crate::storage::DiskFaults;
 pub type Range = [f64; 2];
 
 /// One scenario file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
     /// Short name, used in reports.
@@ -31,10 +31,34 @@ pub struct Scenario {
     /// Fault probability ranges; a missing one is `[0, 0]` (never).
     #[serde(default)]
     pub faults: FaultRanges,
+    /// A reproduction: the one seed this file replays, cut down by
+    /// shrinking (`kivaloo-sim run <file>` runs it without `--seed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<Replay>,
+}
+
+/// A reproduction of one failing seed, as shrinking leaves it: the seed,
+/// and what of its run is kept. The workload's `requests` is cut in the
+/// workload itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replay {
+    /// The seed.
+    pub seed: u64,
+    /// Clients, at most what the seed draws (the mux's `-n` at most this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<u64>,
+    /// The chaos faults (crashes, power losses, resets) carried out, by
+    /// their number on the run's tape (`sim/src/tape.rs`); missing: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chaos_faults: Option<Vec<u64>>,
+    /// The disk faults carried out, by number; missing: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_faults: Option<Vec<u64>>,
 }
 
 /// The workload part of a scenario.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
     /// Which workload: `"lbs"` (with components `["lbs"]`) or `"kvlds"`
@@ -88,7 +112,7 @@ pub struct WorkloadSpec {
     /// pages (as lbs records), plus two files' worth (the oldest file is
     /// deleted only once all of it is free, the newest fills up). Needs
     /// cleaning on (`storage_cost`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub space_factor: Option<f64>,
 }
 
@@ -118,7 +142,7 @@ fn default_commit_forced() -> [u64; 2] {
 
 /// Ranges of every fault probability. Rates "per ms" are per millisecond of
 /// virtual time; the disk ones are per operation.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FaultRanges {
     /// Chance per virtual ms that the node crashes.
@@ -234,6 +258,14 @@ impl Scenario {
         Ok(s)
     }
 
+    /// The scenario as a file's text (what `parse` reads back).
+    ///
+    /// # Panics
+    /// Never: every field is representable in TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a scenario is representable in TOML")
+    }
+
     /// Reads and parses a scenario file.
     ///
     /// # Errors
@@ -316,6 +348,11 @@ impl Scenario {
                 storage_cost,
             }
         });
+        let mut kvlds = kvlds;
+        if let (Some(k), Some(clients)) = (kvlds.as_mut(), self.replay.as_ref().and_then(|r| r.clients)) {
+            k.clients = clients.clamp(1, k.clients);
+            k.mux_connections_max = k.mux_connections_max.min(k.clients);
+        }
         Drawn {
             block_size,
             in_flight,

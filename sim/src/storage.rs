@@ -100,6 +100,7 @@
 //! names. Error messages name the operation and the file.
 
 use crate::rng::Stream;
+use crate::tape::FaultTape;
 use bytes::Bytes;
 use kivaloo::contract::{DiskDone, DiskError, DiskErrorKind, DiskOp};
 use std::collections::BTreeMap;
@@ -495,6 +496,8 @@ pub struct SimDisk {
     durable_dir: BTreeMap<String, u64>,
     damage: Vec<Damage>,
     counts: FaultCounts,
+    /// Numbers every fault decided; a replay's cut says which are carried out.
+    tape: FaultTape,
 }
 
 fn err(kind: DiskErrorKind, message: String) -> DiskError {
@@ -540,6 +543,15 @@ impl SimDisk {
     /// Sum of the visible files' lengths.
     pub fn stored_bytes(&self) -> u64 {
         self.current.values().map(|ino| self.inodes[ino].len as u64).sum()
+    }
+
+    /// The tape of the disk's faults (numbered as decided, cut by a replay).
+    pub fn tape(&self) -> &FaultTape {
+        &self.tape
+    }
+
+    pub fn tape_mut(&mut self) -> &mut FaultTape {
+        &mut self.tape
     }
 
     /// Counters of faults injected, by kind.
@@ -602,7 +614,9 @@ impl SimDisk {
         if self.faults.bit_rot > 0.0 {
             for (name, ino) in &self.current {
                 let inode = self.inodes.get_mut(ino).expect("named inode");
-                if inode.durable.is_empty() || !rng.chance(self.faults.bit_rot) {
+                if inode.durable.is_empty()
+                    || !(rng.chance(self.faults.bit_rot) && self.tape.admit("bit rot"))
+                {
                     continue;
                 }
                 let offset = rng.below(inode.durable.len() as u64);
@@ -652,7 +666,7 @@ impl SimDisk {
                 ));
             }
         }
-        if rng.chance(self.faults.enospc) {
+        if rng.chance(self.faults.enospc) && self.tape.admit("ENOSPC") {
             self.counts.enospc += 1;
             return Err(err(DiskErrorKind::NoSpace, format!("injected ENOSPC on {verb} to {name}")));
         }
@@ -679,7 +693,7 @@ impl SimDisk {
             }
             DiskOp::Read { name, offset, len } => {
                 let ino = self.ino(verb, name)?;
-                if rng.chance(self.faults.read_eio) {
+                if rng.chance(self.faults.read_eio) && self.tape.admit("EIO on read") {
                     self.counts.eio_reads += 1;
                     return Err(err(
                         DiskErrorKind::Io,
@@ -692,7 +706,7 @@ impl SimDisk {
                     return Ok(DiskDone::Read(Bytes::new()));
                 }
                 let mut n = (*len as u64).min(file_len - offset) as usize;
-                if n > 1 && rng.chance(self.faults.short_read) {
+                if n > 1 && rng.chance(self.faults.short_read) && self.tape.admit("short read") {
                     n = rng.range(1, n as u64 - 1) as usize;
                     self.counts.short_reads += 1;
                 }
@@ -718,7 +732,10 @@ impl SimDisk {
             DiskOp::SyncFile { name } => {
                 let ino = self.ino(verb, name)?;
                 let inode = self.inodes.get_mut(&ino).expect("named inode");
-                if !inode.log.is_empty() && rng.chance(self.faults.fsync_eio) {
+                if !inode.log.is_empty()
+                    && rng.chance(self.faults.fsync_eio)
+                    && self.tape.admit("failed fsync")
+                {
                     let unsynced = inode.log.len();
                     inode.log.clear();
                     let fate = if rng.below(2) == 0 {
@@ -740,7 +757,10 @@ impl SimDisk {
                 Ok(DiskDone::Done)
             }
             DiskOp::SyncDir => {
-                if self.current != self.durable_dir && rng.chance(self.faults.dir_sync_eio) {
+                if self.current != self.durable_dir
+                    && rng.chance(self.faults.dir_sync_eio)
+                    && self.tape.admit("failed directory sync")
+                {
                     self.counts.failed_dir_syncs += 1;
                     return Err(err(
                         DiskErrorKind::Io,
@@ -791,7 +811,7 @@ impl SimDisk {
         }
         self.check_space(verb, name, end.saturating_sub(file_len), rng)?;
         let at = offset as usize;
-        if rng.chance(self.faults.write_eio) {
+        if rng.chance(self.faults.write_eio) && self.tape.admit("EIO on write") {
             self.counts.eio_writes += 1;
             let reached = if rng.below(2) == 0 {
                 self.counts.eio_partial_writes += 1;
@@ -806,13 +826,13 @@ impl SimDisk {
                 format!("injected EIO on write to {name} at offset {offset} ({n} bytes, {reached} reached the cache)"),
             ));
         }
-        if n > 1 && rng.chance(self.faults.short_write) {
+        if n > 1 && rng.chance(self.faults.short_write) && self.tape.admit("short write") {
             self.counts.short_writes += 1;
             let k = rng.range(1, n - 1) as usize;
             self.inode_mut(ino).cache_write(at, data.slice(..k), rng);
             return Ok(DiskDone::Written { len_bytes: k as u64 });
         }
-        if rng.chance(self.faults.misdirected_write) {
+        if rng.chance(self.faults.misdirected_write) && self.tape.admit("misdirected write") {
             self.counts.misdirected += 1;
             let landed = if rng.below(4) == 0 {
                 None

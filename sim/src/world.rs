@@ -13,6 +13,7 @@
 //! (durability).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use kivaloo::contract::{ConnClosed, ConnId, DiskErrorKind, DiskOp, DiskOpId, ExitReason, Input, Output};
@@ -32,6 +33,7 @@ use crate::process::{Config, Kind, Proc};
 use crate::rng::{Concern, Stream};
 use crate::scenario::{Drawn, Scenario};
 use crate::storage::{DiskFaults, SimDisk};
+use crate::tape::{Cut, FaultNote, FaultTape, Source};
 use crate::time::{EventQueue, MS, SEC, US};
 use crate::trace::Trace;
 
@@ -114,6 +116,9 @@ pub struct Outcome {
     /// Space oracle scenarios: the most lbs's files held, over the bytes
     /// of the tree's pages as lbs records, once it was checked.
     pub space_ratio_max: Option<f64>,
+    /// Every fault decided (chaos first, then the disk's), numbered per
+    /// source, with whether the replay's cut kept it (`tape.rs`).
+    pub fault_tape: Vec<FaultNote>,
 }
 
 /// lbs log lines that mark a hard path, and the probe each counts for.
@@ -146,6 +151,7 @@ impl Outcome {
             corruption_reported: false,
             probes: BTreeMap::new(),
             space_ratio_max: None,
+            fault_tape: Vec::new(),
         }
     }
 }
@@ -207,12 +213,21 @@ pub struct World {
     /// Damage records already mapped to blocks (lbs chain).
     damage_noted: usize,
     probes: BTreeMap<String, u64>,
+    /// Numbers the chaos's faults; a replay's cut says which are carried out.
+    chaos_tape: FaultTape,
 }
 
 impl World {
     /// A world for `scenario` and `seed`.
     pub fn new(scenario: &Scenario, seed: u64, keep_trace: bool) -> World {
         let drawn = scenario.draw(seed);
+        let cut =
+            |faults: Option<&Vec<u64>>| -> Cut { faults.map(|f| Arc::new(f.iter().copied().collect())) };
+        let replay = scenario.replay.as_ref();
+        let chaos_tape = FaultTape::new(Source::Chaos, cut(replay.and_then(|r| r.chaos_faults.as_ref())));
+        let mut disk = SimDisk::new(drawn.disk.clone());
+        *disk.tape_mut() = FaultTape::new(Source::Disk, cut(replay.and_then(|r| r.disk_faults.as_ref())));
+        let mut disk = Some(disk);
         let kvlds_cache_pages = drawn.kvlds.as_ref().map_or(0, |k| k.cache_pages);
         let mut work_rng = Stream::new(seed, Concern::Workload);
         let rec = kivaloo_nodes::lbs::layout::record_len(drawn.block_size);
@@ -230,7 +245,7 @@ impl World {
                     Config::Lbs(lbs_cfg.clone()),
                     drawn.clock_rate,
                     drawn.timer_late_us,
-                    Some(SimDisk::new(drawn.disk.clone())),
+                    disk.take(),
                 ),
                 Kind::Kvlds => {
                     let k = drawn.kvlds.as_ref().expect("a kvlds scenario draws kvlds's parameters");
@@ -318,6 +333,7 @@ impl World {
             space_ratio_max: None,
             damage_noted: 0,
             probes: BTreeMap::new(),
+            chaos_tape,
         }
     }
 
@@ -462,7 +478,10 @@ impl World {
             Client::Lbs(c) => c.damaged,
             Client::Kvlds(_) => self.disk_damaged(),
         };
+        let mut fault_tape = self.chaos_tape.notes().to_vec();
+        fault_tape.extend_from_slice(self.disk().tape().notes());
         Outcome {
+            fault_tape,
             probes,
             seed,
             failure: self.failure,
@@ -681,6 +700,7 @@ impl World {
             return;
         }
         let Some(disk) = pr.disk.as_mut() else { return };
+        disk.tape_mut().now_ns = self.q.now().nanos;
         let result = disk.execute(&op, &mut self.disk_rng);
         let name = pr.name();
         if let Err(e) = &result {
@@ -852,6 +872,7 @@ impl World {
         if self.faults_off {
             return;
         }
+        self.chaos_tape.now_ns = self.now();
         let alive: Vec<usize> = (0..self.procs.len()).filter(|p| self.procs[*p].node.is_some()).collect();
         if !alive.is_empty() && self.crash_rng.chance(self.drawn.crash_per_ms) {
             let victim = if alive.len() == 1 {
@@ -862,7 +883,9 @@ impl World {
             // A process crash keeps the page cache; a power loss takes the
             // machine of the component that owns the disk.
             let power = self.procs[victim].disk.is_some() && self.crash_rng.chance(self.drawn.power_loss);
-            self.crash(victim, power);
+            if self.chaos_tape.admit(if power { "power loss" } else { "crash" }) {
+                self.crash(victim, power);
+            }
         }
         let connected: Vec<usize> =
             (0..self.client_links.len()).filter(|s| self.client_links[*s].is_some()).collect();
@@ -872,8 +895,10 @@ impl World {
             } else {
                 connected[self.crash_rng.below(connected.len() as u64) as usize]
             };
-            self.resets += 1;
-            self.disconnect_client(slot, ConnClosed::Failed("connection reset".into()));
+            if self.chaos_tape.admit("connection reset") {
+                self.resets += 1;
+                self.disconnect_client(slot, ConnClosed::Failed("connection reset".into()));
+            }
         }
         self.q.after(self.crash_rng.range(1, 2 * MS), Ev::Chaos);
     }
@@ -916,6 +941,7 @@ impl World {
         if power {
             self.power_losses += 1;
             if let Some(disk) = self.procs[p].disk.as_mut() {
+                disk.tape_mut().now_ns = now.nanos;
                 disk.crash(&mut self.disk_rng);
             }
             self.note_first_damage();

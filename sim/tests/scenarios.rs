@@ -279,6 +279,17 @@ fn every_regression_seed_passes_twice_alike() {
             failures.extend(check_seed(&path, &scenario, seed, &mut probes));
         }
     }
+    // Shrunk reproductions: a scenario file of its own, with its seed.
+    for path in files.iter().filter(|p| p.extension().is_some_and(|x| x == "toml")) {
+        let scenario = Scenario::load(path).unwrap();
+        let seed = scenario
+            .replay
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: a regression file needs its [replay] seed", path.display()))
+            .seed;
+        count += 1;
+        failures.extend(check_seed(path, &scenario, seed, &mut probes));
+    }
     assert!(failures.is_empty(), "{} failing regression seeds:\n{}", failures.len(), failures.join("\n"));
     eprintln!("{count} regression seeds passed");
 }

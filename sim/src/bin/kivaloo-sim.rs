@@ -8,6 +8,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use kivaloo_sim::runner::{replay_command, run_seed, scenario_files, sweep};
 use kivaloo_sim::scenario::Scenario;
+use kivaloo_sim::shrink::shrink;
 
 #[derive(Parser)]
 #[command(name = "kivaloo-sim", version, about = "The deterministic simulator of kivaloo")]
@@ -18,16 +19,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one seed of one scenario.
+    /// Run one seed of one scenario (a shrunk reproduction's file runs its
+    /// own seed).
     Run {
         /// The scenario file (TOML).
         scenario: PathBuf,
-        /// The seed.
+        /// The seed (default: the file's `[replay]` seed).
         #[arg(long)]
-        seed: u64,
+        seed: Option<u64>,
         /// Print the readable trace of the run.
         #[arg(long)]
         trace: bool,
+        /// If the seed fails, shrink it: fewer requests, clients and faults,
+        /// and later faults, failing the same oracle; write the smallest
+        /// reproduction as a scenario file and print how to run it.
+        #[arg(long)]
+        shrink: bool,
+        /// Most runs shrinking may spend.
+        #[arg(long, default_value_t = 600)]
+        shrink_runs: u64,
+        /// Where to write the shrunk scenario (default:
+        /// `<name>-seed-<N>-shrunk.toml` in the current directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Run many seeds of every scenario in a directory (or one file).
     Sweep {
@@ -42,15 +56,70 @@ enum Command {
     },
 }
 
+/// Shrinks the failing `seed`, writes the reproduction and prints it.
+fn report_shrunk(scenario: &Scenario, seed: u64, runs_max: u64, out: Option<PathBuf>) {
+    println!("shrinking (at most {runs_max} runs)...");
+    let started = Instant::now();
+    let shrunk = match shrink(scenario, seed, runs_max, &mut |line| println!("  {line}")) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("cannot shrink: {e}");
+            return;
+        }
+    };
+    let (b, a) = (shrunk.before, shrunk.after);
+    println!(
+        "shrunk in {} runs ({:.1} s): requests {} -> {}, clients {} -> {}, faults {} -> {}",
+        shrunk.runs,
+        started.elapsed().as_secs_f64(),
+        b.requests,
+        a.requests,
+        b.clients,
+        a.clients,
+        b.faults,
+        a.faults
+    );
+    for note in shrunk.outcome.fault_tape.iter().filter(|n| n.kept) {
+        println!(
+            "  fault kept: {:?} #{} at {:.6} s: {}",
+            note.source,
+            note.index,
+            note.at_ns as f64 / 1e9,
+            note.what
+        );
+    }
+    println!(
+        "fails the same oracle ({}): {}",
+        shrunk.oracle,
+        shrunk.outcome.failure.as_deref().unwrap_or("?")
+    );
+    let mut reproduction = shrunk.scenario;
+    reproduction.name = format!("{}-seed-{seed}-shrunk", scenario.name);
+    reproduction.description =
+        format!("{} (seed {seed}, shrunk: it fails the {} oracle)", scenario.description, shrunk.oracle);
+    let path = out.unwrap_or_else(|| PathBuf::from(format!("{}.toml", reproduction.name)));
+    let text = reproduction.to_toml();
+    if let Err(e) = std::fs::write(&path, &text) {
+        println!("cannot write {}: {e}", path.display());
+    }
+    println!("reproduce: cargo run --release -p kivaloo-sim -- run {} --trace", path.display());
+    println!("scenario file {} (a regression: put it in scenarios/regressions/):", path.display());
+    print!("{text}");
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { scenario: path, seed, trace } => {
+        Command::Run { scenario: path, seed, trace, shrink: shrink_it, shrink_runs, out } => {
             let scenario = match Scenario::load(&path) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("kivaloo-sim: {e}");
                     return ExitCode::from(2);
                 }
+            };
+            let Some(seed) = seed.or(scenario.replay.as_ref().map(|r| r.seed)) else {
+                eprintln!("kivaloo-sim: {}: no --seed, and the file has no [replay] seed", path.display());
+                return ExitCode::from(2);
             };
             let started = Instant::now();
             let outcome = run_seed(&scenario, seed, trace);
@@ -83,6 +152,9 @@ fn main() -> ExitCode {
                 Some(f) => {
                     println!("FAILED: {f}");
                     println!("replay: {}", replay_command(&path, seed));
+                    if shrink_it {
+                        report_shrunk(&scenario, seed, shrink_runs, out);
+                    }
                     ExitCode::FAILURE
                 }
             }
