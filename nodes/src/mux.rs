@@ -87,6 +87,17 @@ pub struct MuxProbes {
     pub clients_dropped: u64,
     /// Times every client was paused because the upstream did not keep up.
     pub upstream_pauses: u64,
+    /// Times a client reached its bound of requests in flight
+    /// ([`CLIENT_IN_FLIGHT_MAX`]), so that the mux stopped reading it
+    /// (counted once each time the bound starts holding it back).
+    pub client_reads_paused_at_in_flight_bound: u64,
+    /// Times a client reached its bound of response bytes unsent and
+    /// reserved ([`CLIENT_UNSENT_BYTES_MAX`]), so that the mux stopped
+    /// reading it (counted once each time the bound starts holding it
+    /// back).
+    pub client_reads_paused_at_bytes_bound: u64,
+    /// Times the mux stopped accepting because `-n` clients were connected.
+    pub accepting_paused_at_limit: u64,
 }
 
 /// One client connection.
@@ -100,6 +111,11 @@ struct Client {
     reserved_bytes: u64,
     /// Whether the driver delivers its bytes (the last `ReadInterest`).
     reading: bool,
+    /// Whether its bound of requests in flight held it back when last
+    /// looked at (for the probe: counted when this turns on).
+    at_in_flight_bound: bool,
+    /// Likewise for its bound of response bytes.
+    at_bytes_bound: bool,
     /// Responses gathered for one `Output::Send`.
     out: BytesMut,
 }
@@ -216,6 +232,9 @@ impl MuxNode {
     fn set_accepting(&mut self) {
         let on = self.phase == Phase::Serving && self.clients.len() < self.config.connections_max;
         if on != self.accepting {
+            if !on && self.phase == Phase::Serving {
+                self.probes.accepting_paused_at_limit += 1;
+            }
             self.accepting = on;
             self.outputs.push_back(Output::Accepting(on));
         }
@@ -240,6 +259,8 @@ impl MuxNode {
                 unsent_bytes: 0,
                 reserved_bytes: 0,
                 reading: true,
+                at_in_flight_bound: false,
+                at_bytes_bound: false,
                 out: BytesMut::new(),
             },
         );
@@ -279,9 +300,17 @@ impl MuxNode {
     fn forward_requests(&mut self, conn: ConnId) {
         loop {
             let Some(c) = self.clients.get_mut(&conn) else { return };
-            let room = !self.upstream_paused
-                && c.in_flight < CLIENT_IN_FLIGHT_MAX
-                && c.unsent_bytes + c.reserved_bytes < CLIENT_UNSENT_BYTES_MAX;
+            let in_flight_full = c.in_flight >= CLIENT_IN_FLIGHT_MAX;
+            let bytes_full = c.unsent_bytes + c.reserved_bytes >= CLIENT_UNSENT_BYTES_MAX;
+            if in_flight_full && !c.at_in_flight_bound {
+                self.probes.client_reads_paused_at_in_flight_bound += 1;
+            }
+            if bytes_full && !c.at_bytes_bound {
+                self.probes.client_reads_paused_at_bytes_bound += 1;
+            }
+            c.at_in_flight_bound = in_flight_full;
+            c.at_bytes_bound = bytes_full;
+            let room = !self.upstream_paused && !in_flight_full && !bytes_full;
             if !room {
                 return self.set_reading(conn, false);
             }
@@ -399,6 +428,10 @@ impl MuxNode {
                     format!("mux: over {CLIENT_UNSENT_BYTES_DROP} bytes of responses waiting; the client does not read"),
                 );
             } else if held_bytes >= CLIENT_UNSENT_BYTES_MAX {
+                if !c.at_bytes_bound {
+                    c.at_bytes_bound = true;
+                    self.probes.client_reads_paused_at_bytes_bound += 1;
+                }
                 self.set_reading(route.conn, false);
             }
         }

@@ -850,10 +850,15 @@ fn add_probes(total: &mut KvldsProbes, more: KvldsProbes) {
     total.splits += more.splits;
     total.root_splits += more.root_splits;
     total.merges += more.merges;
+    total.merge_cascades += more.merge_cascades;
     total.deroots += more.deroots;
     total.evictions += more.evictions;
     total.page_reads += more.page_reads;
     total.waits_for_pages += more.waits_for_pages;
+    total.reloads_during_commit += more.reloads_during_commit;
+    total.writes_waiting_for_next_batch += more.writes_waiting_for_next_batch;
+    total.reads_finished_on_old_root += more.reads_finished_on_old_root;
+    total.range_answers_cut_by_budget += more.range_answers_cut_by_budget;
     total.recoveries_empty += more.recoveries_empty;
     total.recoveries_found_root += more.recoveries_found_root;
     total.recoveries_skipped_tail += more.recoveries_skipped_tail;

@@ -420,6 +420,9 @@ fn bulk_insert_then_delete_grows_and_shrinks_the_tree() {
     }
     let p = h.kvlds.probes();
     assert!(p.merges > 0 && p.deroots > 0 && p.page_reads > 0, "{p:?}");
+    assert!(p.merge_cascades > 0, "deleting a three-level tree never merged internal pages: {p:?}");
+    assert!(p.merge_cascades < p.merges, "{p:?}");
+    assert!(p.range_answers_cut_by_budget > 0, "paging by 2000 bytes was never cut: {p:?}");
     assert!(scan_all(&mut h, 100).is_empty());
     h.restart();
     assert!(scan_all(&mut h, 100).is_empty());
@@ -515,6 +518,50 @@ fn review_finding_forgotten_reader_does_not_make_a_freed_block_fatal() {
     h.input(Input::Received { conn: ConnId::UPSTREAM, data: out.freeze() });
     h.settle();
     assert_eq!(h.exited, None, "kvlds exited over a page only a forgotten read wanted");
+}
+
+/// The probes of a commit in flight: a write that arrives meanwhile waits
+/// for the next batch, a page evicted earlier is read back, and a read
+/// that waited across the commit finishes on the old root.
+#[test]
+fn probes_count_what_happens_while_a_commit_is_in_flight() {
+    let cfg = KvldsConfig { cache_pages_max: Some(1), check_invariants: true, ..Default::default() };
+    let mut h = Harness::new(512, cfg);
+    let v = Bytes::from(vec![b'x'; 94]);
+    let keys: Vec<Bytes> = (0..6).map(|i| k(&format!("k{i:03}"))).collect();
+    let reqs: Vec<_> =
+        keys.iter().map(|key| KvldsRequest::Set { key: key.clone(), value: v.clone() }).collect();
+    h.call(&reqs);
+    let root = h.lbs.next_block - 1; // two leaves just below it
+    let right_leaf = root - 1;
+    h.restart(); // cache: the root only
+    h.auto_sync = false;
+    // The batch reads the left leaf, evicting the root, and sends its APPEND.
+    send(&mut h, &[(1, KvldsRequest::Set { key: keys[0].clone(), value: k("new") })]);
+    assert_eq!(h.lbs.unsynced.len(), 1, "the APPEND is in flight");
+    let p = h.kvlds.probes();
+    assert_eq!((p.reloads_during_commit, p.writes_waiting_for_next_batch), (0, 0), "{p:?}");
+    // A GET on the committed tree reads the evicted root back, then waits
+    // for the right leaf (held).
+    h.lbs.hold.insert(right_leaf);
+    send(&mut h, &[(2, KvldsRequest::Get { key: keys[5].clone() })]);
+    assert_eq!(h.lbs.held.len(), 1);
+    assert_eq!(h.kvlds.probes().reloads_during_commit, 1);
+    send(&mut h, &[(3, KvldsRequest::Set { key: keys[1].clone(), value: k("newer") })]);
+    assert_eq!(h.kvlds.probes().writes_waiting_for_next_batch, 1);
+    h.auto_sync = true;
+    h.settle(); // both commits land; the GET still waits
+    assert!(h.responses.remove(&1).is_some() && h.responses.remove(&3).is_some());
+    assert_eq!(h.kvlds.probes().reads_finished_on_old_root, 0);
+    let (id, block) = h.lbs.held.pop().unwrap();
+    let mut out = BytesMut::new();
+    LbsResponse::Get(h.lbs.blocks.get(&block).cloned()).encode(id, &mut out);
+    h.input(Input::Received { conn: ConnId::UPSTREAM, data: out.freeze() });
+    h.settle();
+    let answer =
+        KvldsResponse::decode(kivaloo::kvlds_proto::KvldsRequestKind::Get, h.responses.remove(&2).unwrap());
+    assert_eq!(answer.unwrap(), KvldsResponse::Get(Some(v)));
+    assert_eq!(h.kvlds.probes().reads_finished_on_old_root, 1);
 }
 
 /// Found by review: lbs's next block is trusted; near 2^64 the commit numbering

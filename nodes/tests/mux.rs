@@ -261,6 +261,7 @@ fn dash_n_caps_the_clients_served_at_once() {
     assert!(h.accepting);
     h.connect(B);
     assert!(!h.accepting, "at the cap the mux stops accepting");
+    assert_eq!(h.mux.probes().accepting_paused_at_limit, 1);
     // One that the driver accepted anyway is closed.
     h.connect(C);
     assert_eq!(h.closed.len(), 1);
@@ -299,6 +300,8 @@ fn a_client_is_paused_at_its_in_flight_bound_and_resumed_by_answers() {
     let up = h.upstream_requests();
     assert_eq!(up.len(), CLIENT_IN_FLIGHT_MAX);
     assert_eq!(h.reading.get(&A), Some(&false));
+    assert_eq!(h.mux.probes().client_reads_paused_at_in_flight_bound, 1);
+    assert_eq!(h.mux.probes().client_reads_paused_at_bytes_bound, 0);
     // Report the upstream bytes written, so only the client's bound holds.
     h.input(Input::Sent { conn: ConnId::UPSTREAM, len_bytes: u64::MAX });
     h.answer(up[0].id, &KvldsResponse::Get(None));
@@ -364,6 +367,8 @@ fn answers_have_room_reserved_so_a_slow_reader_is_paused_not_dropped() {
     let up = h.upstream_requests();
     assert_eq!(up.len(), 4);
     assert_eq!(h.reading.get(&A), Some(&false));
+    assert_eq!(h.mux.probes().client_reads_paused_at_bytes_bound, 1);
+    assert_eq!(h.mux.probes().client_reads_paused_at_in_flight_bound, 0);
     for p in &up {
         h.answer(p.id, &big);
     }

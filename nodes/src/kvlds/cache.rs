@@ -5,10 +5,15 @@
 //! except those the cleaner pinned: at most half the cache, until it
 //! unpins them all (after its next batch took what it needed).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use super::page::Page;
+
+/// How many of the latest evictions the cache remembers (block numbers, for
+/// the `reloads_during_commit` probe): at most 1024 entries in a ring and
+/// in a map beside it, about 50 KiB whatever the cache size.
+pub const EVICTED_RECORD_MAX: usize = 1024;
 
 /// One cached page and its CLOCK bit.
 struct Slot {
@@ -27,6 +32,11 @@ pub struct PageCache {
     evictions: u64,
     /// Blocks pinned (some may have been removed since).
     pinned: Vec<u64>,
+    /// The blocks of the last [`EVICTED_RECORD_MAX`] evictions, oldest
+    /// first (a block evicted twice is there twice).
+    evicted: VecDeque<u64>,
+    /// The same blocks, each with how many times it is in `evicted`.
+    evicted_count: BTreeMap<u64, u32>,
 }
 
 impl PageCache {
@@ -40,6 +50,8 @@ impl PageCache {
             hand: 0,
             evictions: 0,
             pinned: Vec::new(),
+            evicted: VecDeque::new(),
+            evicted_count: BTreeMap::new(),
         }
     }
 
@@ -56,6 +68,27 @@ impl PageCache {
     /// Pages evicted so far.
     pub fn evictions(&self) -> u64 {
         self.evictions
+    }
+
+    /// Whether `block` was evicted in one of the last
+    /// [`EVICTED_RECORD_MAX`] evictions (an older eviction is forgotten).
+    pub fn evicted_recently(&self, block: u64) -> bool {
+        self.evicted_count.contains_key(&block)
+    }
+
+    fn remember_eviction(&mut self, block: u64) {
+        if self.evicted.len() >= EVICTED_RECORD_MAX {
+            if let Some(old) = self.evicted.pop_front() {
+                if let Some(n) = self.evicted_count.get_mut(&old) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.evicted_count.remove(&old);
+                    }
+                }
+            }
+        }
+        self.evicted.push_back(block);
+        *self.evicted_count.entry(block).or_default() += 1;
     }
 
     /// The page in `block`, if cached; marks it used.
@@ -148,6 +181,7 @@ impl PageCache {
                 self.index.insert(moved.page.block, self.hand);
             }
             self.evictions += 1;
+            self.remember_eviction(victim.page.block);
             return;
         }
     }
@@ -213,6 +247,28 @@ mod tests {
         assert!(!one.pin(1));
         one.insert(page(2));
         assert_eq!(one.len(), 1);
+    }
+
+    #[test]
+    fn the_eviction_record_keeps_the_last_evictions_only() {
+        let mut c = PageCache::new(1);
+        c.insert(page(0));
+        assert!(!c.evicted_recently(0));
+        c.insert(page(1));
+        assert!(c.evicted_recently(0), "block 0 was just evicted");
+        c.remove(1);
+        assert!(!c.evicted_recently(1), "removing is not evicting");
+        // Block 0 evicted again: it is in the ring twice.
+        c.insert(page(0));
+        c.insert(page(2));
+        assert_eq!(c.evicted_count.get(&0), Some(&2));
+        for b in 3..(3 + EVICTED_RECORD_MAX as u64) {
+            c.insert(page(b));
+        }
+        assert_eq!(c.evicted.len(), EVICTED_RECORD_MAX);
+        assert_eq!(c.evicted_count.values().map(|&n| n as usize).sum::<usize>(), EVICTED_RECORD_MAX);
+        assert!(!c.evicted_recently(0), "forgotten after {EVICTED_RECORD_MAX} later evictions");
+        assert!(c.evicted_recently(2));
     }
 
     #[test]

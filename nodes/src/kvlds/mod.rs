@@ -122,6 +122,12 @@ pub struct KvldsProbes {
     pub root_splits: u64,
     /// Pairs of adjacent siblings merged.
     pub merges: u64,
+    /// Merges that propagated up a level: two internal siblings merged, at
+    /// least one of which had just lost a child to a merge below (in the
+    /// same rebalance). In this tree internal pages shrink only that way;
+    /// there is no minimum fill, a merge is decided by the pair fitting 2/3
+    /// of a block (`tree.rs`, `merge_pass`).
+    pub merge_cascades: u64,
     /// Roots with a single child replaced by that child (the tree shrank).
     pub deroots: u64,
     /// Clean pages evicted from the cache.
@@ -130,6 +136,21 @@ pub struct KvldsProbes {
     pub page_reads: u64,
     /// Requests that had to wait for a page to come from lbs.
     pub waits_for_pages: u64,
+    /// Pages read back from lbs (a valid page arriving) while a commit's
+    /// APPEND was in flight, that the cache had evicted earlier: among its
+    /// last 1024 evictions (`cache::EVICTED_RECORD_MAX`; an older eviction
+    /// is not counted).
+    pub reloads_during_commit: u64,
+    /// Modifying requests that arrived while a commit's APPEND was in
+    /// flight, so that they wait for the next batch.
+    pub writes_waiting_for_next_batch: u64,
+    /// GETs and RANGEs that finished on a tree whose root a commit had
+    /// replaced while they waited for a page (their snapshot kept its
+    /// blocks from being FREEd).
+    pub reads_finished_on_old_root: u64,
+    /// RANGE answers that stopped at their byte budget (rather than at
+    /// `end` or past the last key), `next` just after their last pair.
+    pub range_answers_cut_by_budget: u64,
     /// Recoveries that found a store with no tree yet.
     pub recoveries_empty: u64,
     /// Recoveries that found a tree.
@@ -247,6 +268,8 @@ struct ReadOp {
     /// The oldest block of the tree it reads (nothing below may be freed
     /// while it runs).
     snapshot_oldest_block: u64,
+    /// The root block of the tree it reads.
+    snapshot_root_block: u64,
     /// For a RANGE: the answer bytes reserved for it.
     reserved_bytes: u64,
     kind: ReadKind,
@@ -396,6 +419,11 @@ impl KvldsNode {
         self.batch.as_ref().is_some_and(|b| b.writing.is_some() && b.leaves_cleaned > 0)
     }
 
+    /// Whether a batch's APPEND has been sent and not yet answered.
+    fn commit_in_flight(&self) -> bool {
+        self.batch.as_ref().is_some_and(|b| b.writing.is_some())
+    }
+
     /// Pages in the committed tree, once counted (`None` while cleaning is
     /// off or before the census after recovery).
     pub fn tree_pages(&self) -> Option<u64> {
@@ -513,6 +541,9 @@ impl KvldsNode {
             }
         };
         self.probes.page_reads += 1;
+        if self.commit_in_flight() && self.cache.evicted_recently(block) {
+            self.probes.reloads_during_commit += 1;
+        }
         self.cache.insert(page.clone());
         if load.census {
             if let Phase::Counting(census) = &mut self.phase {
@@ -812,6 +843,9 @@ impl KvldsNode {
                 if let Some(why) = write.over_limits(self.key_len_max, self.value_len_max) {
                     return self.drop_client(format!("request {req_id:#x}: {why}"));
                 }
+                if self.commit_in_flight() {
+                    self.probes.writes_waiting_for_next_batch += 1;
+                }
                 self.queue.push_back(QueuedWrite {
                     generation,
                     req_id,
@@ -839,7 +873,11 @@ impl KvldsNode {
             c.range_bytes_reserved += reserved_bytes;
         }
         let snapshot_oldest_block = root.child.oldest_block;
-        self.reads.insert(id, ReadOp { generation, req_id, snapshot_oldest_block, reserved_bytes, kind });
+        let snapshot_root_block = root.child.block;
+        self.reads.insert(
+            id,
+            ReadOp { generation, req_id, snapshot_oldest_block, snapshot_root_block, reserved_bytes, kind },
+        );
         self.continue_read(id);
     }
 
@@ -849,13 +887,19 @@ impl KvldsNode {
             ReadKind::Get { key, descent } => {
                 read::get(&mut self.cache, descent, key).map(KvldsResponse::Get)
             }
-            ReadKind::Range(scan) => scan
-                .run(&mut self.cache)
-                .map(|next| KvldsResponse::Range { next, pairs: std::mem::take(&mut scan.pairs) }),
+            ReadKind::Range(scan) => scan.run(&mut self.cache).map(|next| {
+                if scan.cut_by_budget {
+                    self.probes.range_answers_cut_by_budget += 1;
+                }
+                KvldsResponse::Range { next, pairs: std::mem::take(&mut scan.pairs) }
+            }),
         };
         match outcome {
             Ok(response) => {
                 let op = self.reads.remove(&id).expect("the read");
+                if self.committed.is_some_and(|r| r.child.block != op.snapshot_root_block) {
+                    self.probes.reads_finished_on_old_root += 1;
+                }
                 if let Some(c) = self.client.as_mut().filter(|c| c.generation == op.generation) {
                     c.range_bytes_reserved -= op.reserved_bytes;
                 }
@@ -963,6 +1007,7 @@ impl KvldsNode {
         self.probes.splits += counts.splits;
         self.probes.root_splits += counts.root_splits;
         self.probes.merges += counts.merges;
+        self.probes.merge_cascades += counts.merge_cascades;
         self.probes.deroots += counts.deroots;
         batch.superseded = std::mem::take(&mut batch.tree.superseded);
         let tree = std::mem::replace(&mut batch.tree, DirtyTree::new(None, self.block_size));

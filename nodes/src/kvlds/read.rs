@@ -62,6 +62,9 @@ pub struct RangeScan {
     /// Pairs found so far.
     pub pairs: Vec<(Bytes, Bytes)>,
     bytes: usize,
+    /// Set when the scan stopped at its byte budget (for the node's
+    /// `range_answers_cut_by_budget` probe).
+    pub cut_by_budget: bool,
 }
 
 impl RangeScan {
@@ -77,6 +80,7 @@ impl RangeScan {
             descent: Descent::from_root(root),
             pairs: Vec::new(),
             bytes: 0,
+            cut_by_budget: false,
         }
     }
 
@@ -115,6 +119,7 @@ impl RangeScan {
                         }
                         let n = 2 + k.len() + v.len();
                         if !self.pairs.is_empty() && self.bytes + n > self.budget_bytes {
+                            self.cut_by_budget = true;
                             return Ok(self.next_after_last());
                         }
                         self.bytes += n;

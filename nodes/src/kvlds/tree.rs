@@ -47,6 +47,9 @@ pub enum Child {
 struct DirtyNode {
     level: u8,
     body: DirtyBody,
+    /// Whether two of its children were merged in this batch's rebalance
+    /// (it lost a child and a separator): for the `merge_cascades` probe.
+    children_merged: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +73,10 @@ pub struct RebalanceCounts {
     pub splits: u64,
     pub root_splits: u64,
     pub merges: u64,
+    /// Merges of two internal siblings at least one of which had lost a
+    /// child to a merge below in the same rebalance: a merge propagating
+    /// up a level (counted in `merge_pass`).
+    pub merge_cascades: u64,
     pub deroots: u64,
 }
 
@@ -107,7 +114,8 @@ impl DirtyTree {
     pub fn new(committed: Option<RootRef>, block_size: usize) -> Self {
         let (nodes, root, root_level) = match committed {
             None => {
-                (vec![Some(DirtyNode { level: 0, body: DirtyBody::Leaf(Vec::new()) })], Child::Dirty(0), 0)
+                let empty = DirtyNode { level: 0, body: DirtyBody::Leaf(Vec::new()), children_merged: false };
+                (vec![Some(empty)], Child::Dirty(0), 0)
             }
             Some(r) => (Vec::new(), Child::Clean(r.child), r.level),
         };
@@ -166,7 +174,7 @@ impl DirtyTree {
                 children: children.iter().map(|&c| Child::Clean(c)).collect(),
             },
         };
-        Ok(self.push(DirtyNode { level, body }))
+        Ok(self.push(DirtyNode { level, body, children_merged: false }))
     }
 
     fn root_dirty(&mut self, cache: &mut PageCache) -> Result<usize, Stall> {
@@ -381,8 +389,11 @@ impl DirtyTree {
                 keys.push(sep);
                 children.push(Child::Dirty(j));
             }
-            root =
-                self.push(DirtyNode { level: self.root_level, body: DirtyBody::Internal { keys, children } });
+            root = self.push(DirtyNode {
+                level: self.root_level,
+                body: DirtyBody::Internal { keys, children },
+                children_merged: false,
+            });
         }
     }
 
@@ -475,7 +486,10 @@ impl DirtyTree {
             }
         };
         self.counts.splits += pieces.len() as u64;
-        pieces.into_iter().map(|(sep, body)| (sep, self.push(DirtyNode { level, body }))).collect()
+        pieces
+            .into_iter()
+            .map(|(sep, body)| (sep, self.push(DirtyNode { level, body, children_merged: false })))
+            .collect()
     }
 
     /// One bottom-up pass of merges over the dirty subtree under `i`;
@@ -511,6 +525,12 @@ impl DirtyTree {
             let left = self.dirty_child(i, slot, cache)?;
             let right = self.dirty_child(i, slot + 1, cache)?;
             let right_node = self.remove(right);
+            // In this tree an internal page shrinks only when two of its
+            // children merge (a split below makes it grow), so an internal
+            // merge one of whose sides lost a child that way is a merge
+            // that propagated up from the level below.
+            let cascade = child_level > 0 && (self.node(left).children_merged || right_node.children_merged);
+            self.node_mut(left).children_merged |= right_node.children_merged;
             match (&mut self.node_mut(left).body, right_node.body) {
                 (DirtyBody::Leaf(l), DirtyBody::Leaf(r)) => l.extend(r),
                 (
@@ -526,7 +546,11 @@ impl DirtyTree {
             let DirtyBody::Internal { keys, children } = &mut self.node_mut(i).body else { unreachable!() };
             keys.remove(slot);
             children.remove(slot + 1);
+            self.node_mut(i).children_merged = true;
             self.counts.merges += 1;
+            if cascade {
+                self.counts.merge_cascades += 1;
+            }
             changed = true;
         }
         Ok(changed)
