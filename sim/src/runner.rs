@@ -5,14 +5,25 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::enumerate::CrashPlan;
 use crate::scenario::Scenario;
 use crate::world::{Outcome, World};
 
 /// Runs `seed` of `scenario`. A panic (in a node or in the simulator) is
 /// the run's failure, not the sweep's end.
 pub fn run_seed(scenario: &Scenario, seed: u64, keep_trace: bool) -> Outcome {
+    run_seed_with(scenario, seed, keep_trace, None)
+}
+
+/// Runs `seed` of `scenario` with a power loss forced where `plan` says
+/// (crash-state enumeration; `None`: a plain run).
+pub fn run_seed_with(scenario: &Scenario, seed: u64, keep_trace: bool, plan: Option<&CrashPlan>) -> Outcome {
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        World::new(scenario, seed, keep_trace).run(seed)
+        let world = World::new(scenario, seed, keep_trace);
+        match plan {
+            Some(plan) => world.with_crash_plan(plan.clone()).run(seed),
+            None => world.run(seed),
+        }
     }));
     run.unwrap_or_else(|panic| {
         let message = panic
@@ -95,38 +106,51 @@ pub fn sweep(files: &[PathBuf], seeds: Option<u64>, jobs: usize) -> Result<Sweep
             work.push((path.clone(), scenario.clone(), seed));
         }
     }
-    let work = Arc::new(work);
-    let next = Arc::new(AtomicU64::new(0));
-    let report = Arc::new(Mutex::new(SweepReport::default()));
-    let threads: Vec<_> = (0..jobs.max(1))
-        .map(|_| {
-            let (work, next, report) = (work.clone(), next.clone(), report.clone());
-            std::thread::spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some((path, scenario, seed)) = work.get(i) else { break };
-                let outcome = run_seed(scenario, *seed, false);
-                let mut r = report.lock().expect("report lock");
-                r.runs += 1;
-                r.requests += outcome.requests;
-                r.crashes += outcome.crashes;
-                r.power_losses += outcome.power_losses;
-                r.ended_by_damage += u64::from(outcome.corruption_reported);
-                if let Some(x) = outcome.space_ratio_max {
-                    r.space_ratio_max = Some(r.space_ratio_max.map_or(x, |m: f64| m.max(x)));
-                }
-                for (name, n) in &outcome.probes {
-                    *r.probes.entry(name.clone()).or_default() += n;
-                }
-                if outcome.failure.is_some() {
-                    r.failures.push(Failure { scenario: path.clone(), outcome });
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().map_err(|_| "a sweep thread panicked".to_string())?;
-    }
-    let mut report = Arc::try_unwrap(report).expect("threads joined").into_inner().expect("report lock");
+    let mut report = SweepReport::default();
+    on_threads(
+        &work,
+        jobs,
+        |(path, scenario, seed)| (path.clone(), run_seed(scenario, *seed, false)),
+        |(path, outcome)| {
+            let r = &mut report;
+            r.runs += 1;
+            r.requests += outcome.requests;
+            r.crashes += outcome.crashes;
+            r.power_losses += outcome.power_losses;
+            r.ended_by_damage += u64::from(outcome.corruption_reported);
+            if let Some(x) = outcome.space_ratio_max {
+                r.space_ratio_max = Some(r.space_ratio_max.map_or(x, |m: f64| m.max(x)));
+            }
+            for (name, n) in &outcome.probes {
+                *r.probes.entry(name.clone()).or_default() += n;
+            }
+            if outcome.failure.is_some() {
+                r.failures.push(Failure { scenario: path, outcome });
+            }
+        },
+    );
     report.failures.sort_by_key(|f| (f.scenario.clone(), f.outcome.seed));
     Ok(report)
+}
+
+/// Runs `f` on every item of `work` on `jobs` threads (at least one) and
+/// hands each result to `done`, one at a time, in no particular order.
+pub fn on_threads<T: Sync, R: Send>(
+    work: &[T],
+    jobs: usize,
+    f: impl Fn(&T) -> R + Sync,
+    done: impl FnMut(R) + Send,
+) {
+    let next = AtomicU64::new(0);
+    let done = Mutex::new(done);
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(item) = work.get(i) else { break };
+                let result = f(item);
+                (done.lock().expect("results lock"))(result);
+            });
+        }
+    });
 }

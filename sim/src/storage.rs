@@ -432,27 +432,34 @@ impl Inode {
     }
 
     /// Power loss: each logged change reaches the medium whole, torn or not
-    /// at all; then the cache is the medium.
-    fn crash(&mut self, faults: &DiskFaults, rng: &mut Stream, counts: &mut FaultCounts) {
+    /// at all, as `fates` decides; then the cache is the medium.
+    fn crash(&mut self, fates: &mut Fates<'_>, rng: &mut Stream, counts: &mut FaultCounts) {
         let log = std::mem::take(&mut self.log);
         for entry in log {
             match entry {
                 Entry::Write { offset, data } => {
-                    if rng.chance(faults.torn_write) {
-                        counts.torn_writes += 1;
-                        let first = offset / SECTOR_USIZE;
-                        let last = (offset + data.len() - 1) / SECTOR_USIZE;
-                        let written = rng.below((last - first + 1) as u64) as usize;
-                        apply_write(&mut self.durable, offset, &data, rng);
-                        if rng.below(2) == 0 {
+                    let first = offset / SECTOR_USIZE;
+                    let last = (offset + data.len() - 1) / SECTOR_USIZE;
+                    match fates.write(last - first + 1, rng) {
+                        WriteFate::Kept => {
+                            counts.kept_writes += 1;
+                            apply_write(&mut self.durable, offset, &data, rng);
+                        }
+                        WriteFate::Dropped => counts.dropped_writes += 1,
+                        WriteFate::TornPrefix(written) => {
                             // A prefix of its sectors reached the medium.
+                            counts.torn_writes += 1;
+                            apply_write(&mut self.durable, offset, &data, rng);
                             let from = (first + written) * SECTOR_USIZE;
                             let to = ((last + 1) * SECTOR_USIZE).min(self.durable.len());
                             rng.fill(&mut self.durable[from..to]);
-                        } else {
+                        }
+                        WriteFate::TornScattered => {
                             // Sectors reached the medium in any order: each one
-                            // is new or garbage.
+                            // is new or garbage, at least one garbage.
+                            counts.torn_writes += 1;
                             counts.scattered_torn_writes += 1;
+                            apply_write(&mut self.durable, offset, &data, rng);
                             let surely_torn = first + rng.below((last - first + 1) as u64) as usize;
                             for sector in first..=last {
                                 if sector == surely_torn || rng.below(2) == 0 {
@@ -462,15 +469,10 @@ impl Inode {
                                 }
                             }
                         }
-                    } else if rng.below(2) == 0 {
-                        counts.kept_writes += 1;
-                        apply_write(&mut self.durable, offset, &data, rng);
-                    } else {
-                        counts.dropped_writes += 1;
                     }
                 }
                 Entry::Truncate { len } => {
-                    if rng.below(2) == 0 {
+                    if fates.either(rng) {
                         counts.kept_truncates += 1;
                         apply_truncate(&mut self.durable, len);
                     } else {
@@ -480,6 +482,68 @@ impl Inode {
             }
         }
         self.revert();
+    }
+}
+
+/// What became of one unsynced write at a power loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteFate {
+    Kept,
+    Dropped,
+    /// Its first this many sectors reached the medium (fewer than all),
+    /// the rest of the sectors it touches are garbage.
+    TornPrefix(usize),
+    /// Each sector it touches is new or garbage (at least one garbage).
+    TornScattered,
+}
+
+/// Who decides what a power loss keeps: the disk stream (with the
+/// scenario's `torn_write` probability), or a crash-state enumeration,
+/// which names one choice per decision (`SimDisk::crash_choosing`).
+pub enum Fates<'a> {
+    Random {
+        torn_write: f64,
+    },
+    /// Given a decision's number of options, the option taken (0 first).
+    Chosen(&'a mut dyn FnMut(u64) -> u64),
+}
+
+impl Fates<'_> {
+    /// A two-way decision: true for the first option (a directory entry's
+    /// new version, a truncate kept).
+    fn either(&mut self, rng: &mut Stream) -> bool {
+        match self {
+            Fates::Random { .. } => rng.below(2) == 0,
+            Fates::Chosen(choose) => choose(2) == 0,
+        }
+    }
+
+    /// The fate of a write touching `sectors` sectors. Enumerated, its
+    /// options are: kept, dropped, torn after 0..sectors-1 sectors, and
+    /// scattered (whose pattern the disk stream draws): `sectors + 3`.
+    fn write(&mut self, sectors: usize, rng: &mut Stream) -> WriteFate {
+        match self {
+            Fates::Random { torn_write } => {
+                if rng.chance(*torn_write) {
+                    let written = rng.below(sectors as u64) as usize;
+                    if rng.below(2) == 0 {
+                        WriteFate::TornPrefix(written)
+                    } else {
+                        WriteFate::TornScattered
+                    }
+                } else if rng.below(2) == 0 {
+                    WriteFate::Kept
+                } else {
+                    WriteFate::Dropped
+                }
+            }
+            Fates::Chosen(choose) => match choose(sectors as u64 + 3) as usize {
+                0 => WriteFate::Kept,
+                1 => WriteFate::Dropped,
+                n if n - 2 < sectors => WriteFate::TornPrefix(n - 2),
+                _ => WriteFate::TornScattered,
+            },
+        }
     }
 }
 
@@ -535,6 +599,20 @@ impl SimDisk {
         self.current.keys().cloned().collect()
     }
 
+    /// Whether a file whose data has reached the medium (an fsync) has a
+    /// directory entry that has not (a crash may make it vanish).
+    pub fn synced_file_not_yet_in_durable_dir(&self) -> bool {
+        self.current.iter().any(|(name, ino)| {
+            self.durable_dir.get(name) != Some(ino) && !self.inodes[ino].durable.is_empty()
+        })
+    }
+
+    /// Whether a removed file's entry is still durable (a crash may bring
+    /// the file back).
+    pub fn removal_not_yet_durable(&self) -> bool {
+        self.durable_dir.iter().any(|(name, ino)| self.current.get(name) != Some(ino))
+    }
+
     /// Names that would survive a crash for sure, sorted.
     pub fn durable_names(&self) -> Vec<String> {
         self.durable_dir.keys().cloned().collect()
@@ -559,9 +637,26 @@ impl SimDisk {
         &self.counts
     }
 
-    /// Power loss: what survives is decided now, and the page cache is
-    /// emptied (reads see the durable state).
+    /// Power loss: what survives is decided now (at random), and the page
+    /// cache is emptied (reads see the durable state).
     pub fn crash(&mut self, rng: &mut Stream) {
+        let torn_write = self.faults.torn_write;
+        self.crash_with(&mut Fates::Random { torn_write }, rng);
+    }
+
+    /// A power loss whose every decision `choose` takes: given the number
+    /// of options, the option (0 first). The decisions come in a fixed
+    /// order for a given disk state: each directory entry that differs
+    /// from its durable version (2: the new version, the old), then each
+    /// file's unsynced changes in order (a write: `sectors + 3`, see
+    /// [`Fates`]; a truncate: 2, kept or dropped). No bit rot.
+    pub fn crash_choosing(&mut self, choose: &mut dyn FnMut(u64) -> u64, rng: &mut Stream) {
+        let bit_rot = std::mem::take(&mut self.faults.bit_rot);
+        self.crash_with(&mut Fates::Chosen(choose), rng);
+        self.faults.bit_rot = bit_rot;
+    }
+
+    fn crash_with(&mut self, fates: &mut Fates<'_>, rng: &mut Stream) {
         self.counts.crashes += 1;
         // The directory: each name whose entry changed since the last
         // SyncDir ends up with either version.
@@ -591,7 +686,7 @@ impl SimDisk {
             };
             let survivor = match (now, then) {
                 (Some(a), Some(b)) if a == b => Some(a),
-                _ if rng.below(2) == 0 => now,
+                _ if fates.either(rng) => now,
                 _ => {
                     if now.is_some() && then.is_none() {
                         self.counts.vanished_creates += 1;
@@ -609,7 +704,7 @@ impl SimDisk {
         self.durable_dir = self.current.clone();
         self.collect_inodes();
         for inode in self.inodes.values_mut() {
-            inode.crash(&self.faults, rng, &mut self.counts);
+            inode.crash(fates, rng, &mut self.counts);
         }
         if self.faults.bit_rot > 0.0 {
             for (name, ino) in &self.current {

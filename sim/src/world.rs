@@ -26,6 +26,7 @@ use kivaloo_nodes::lbs::LbsConfig;
 use kivaloo_nodes::mux::MuxConfig;
 
 use crate::client::Client;
+use crate::enumerate::{CrashPlan, CrashPoint, ForcedCrash};
 use crate::kvlds_workload::KvldsClient;
 use crate::lbs_workload::LbsClient;
 use crate::link::{Dir, End, Link};
@@ -119,6 +120,8 @@ pub struct Outcome {
     /// Every fault decided (chaos first, then the disk's), numbered per
     /// source, with whether the replay's cut kept it (`tape.rs`).
     pub fault_tape: Vec<FaultNote>,
+    /// The power loss a crash plan forced, if the run reached its point.
+    pub forced_crash: Option<ForcedCrash>,
 }
 
 /// lbs log lines that mark a hard path, and the probe each counts for.
@@ -152,6 +155,7 @@ impl Outcome {
             probes: BTreeMap::new(),
             space_ratio_max: None,
             fault_tape: Vec::new(),
+            forced_crash: None,
         }
     }
 }
@@ -215,6 +219,11 @@ pub struct World {
     probes: BTreeMap<String, u64>,
     /// Numbers the chaos's faults; a replay's cut says which are carried out.
     chaos_tape: FaultTape,
+    /// Crash-state enumeration: the power loss to force, and how often
+    /// the run has reached its point.
+    crash_plan: Option<CrashPlan>,
+    crash_point_hits: u64,
+    forced_crash: Option<ForcedCrash>,
 }
 
 impl World {
@@ -334,7 +343,16 @@ impl World {
             damage_noted: 0,
             probes: BTreeMap::new(),
             chaos_tape,
+            crash_plan: None,
+            crash_point_hits: 0,
+            forced_crash: None,
         }
+    }
+
+    /// Forces a power loss where `plan` says (crash-state enumeration).
+    pub fn with_crash_plan(mut self, plan: CrashPlan) -> World {
+        self.crash_plan = Some(plan);
+        self
     }
 
     fn now(&self) -> u64 {
@@ -481,6 +499,7 @@ impl World {
         let mut fault_tape = self.chaos_tape.notes().to_vec();
         fault_tape.extend_from_slice(self.disk().tape().notes());
         Outcome {
+            forced_crash: self.forced_crash,
             fault_tape,
             probes,
             seed,
@@ -716,7 +735,70 @@ impl World {
         self.trace.event(now, "disk", &[p as u64, id.0, failed as u64], || {
             format!("{name}: {} -> {:?}", op.verb(), result.as_ref().map(|d| d.describe()))
         });
+        if !failed && self.at_crash_point(&op) {
+            return self.forced_power_loss();
+        }
         self.input(p, Input::Disk { id, result });
+    }
+
+    /// Whether the disk operation just done (successfully) is the crash
+    /// plan's point, at its occurrence.
+    fn at_crash_point(&mut self, op: &DiskOp) -> bool {
+        let Some(plan) = &self.crash_plan else { return false };
+        if self.forced_crash.is_some() || self.quiet {
+            return false;
+        }
+        let here = match (plan.point, op) {
+            (CrashPoint::MidAppend, DiskOp::Write { .. }) => true,
+            (CrashPoint::NewFileBeforeDirSync, _) => self.disk().synced_file_not_yet_in_durable_dir(),
+            (CrashPoint::MidCleaning, DiskOp::Write { .. }) => {
+                self.procs.iter().any(|q| q.node.as_ref().is_some_and(|n| n.cleaning_in_flight()))
+            }
+            (CrashPoint::MidFree, _) => self.disk().removal_not_yet_durable(),
+            _ => false,
+        };
+        if here {
+            self.crash_point_hits += 1;
+        }
+        here && self.crash_point_hits == plan.occurrence
+    }
+
+    /// The crash plan's power loss: every component dies at once (the
+    /// disk's owner last, its disk keeping what the plan's choices say),
+    /// and faults stop; the run goes on to its liveness and quiet phases.
+    fn forced_power_loss(&mut self) {
+        let plan = self.crash_plan.clone().expect("a crash plan");
+        let now = self.q.now();
+        self.trace.event(now, "forced", &[], || {
+            format!("power loss forced at {} #{} (enumeration)", plan.point, plan.occurrence)
+        });
+        let (mut arities, mut taken) = (Vec::new(), Vec::new());
+        for p in 0..self.procs.len() {
+            if self.procs[p].disk.is_some() {
+                self.procs[p].kill();
+                self.procs[p].crashes += 1;
+                self.crashes += 1;
+                self.power_losses += 1;
+                let disk = self.procs[p].disk.as_mut().expect("the disk");
+                let mut i = 0;
+                disk.crash_choosing(
+                    &mut |options| {
+                        let c = plan.choices.get(i).copied().unwrap_or(0).min(options - 1);
+                        i += 1;
+                        arities.push(options);
+                        taken.push(c);
+                        c
+                    },
+                    &mut self.disk_rng,
+                );
+                self.node_gone(p);
+            } else if self.procs[p].node.is_some() {
+                self.crash(p, false);
+            }
+        }
+        let name = plan.point.name();
+        self.forced_crash = Some(ForcedCrash { at_ns: now.nanos, arities, taken });
+        self.stop_faults(&format!("power loss forced at {name}; faults stop"));
     }
 
     /// Remembers when the disk was first damaged.

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use kivaloo_sim::runner::{replay_command, run_seed, scenario_files, sweep};
+use kivaloo_sim::enumerate::{enumerate_sweep, parse_choices, show_choices, CrashPlan, CrashPoint};
+use kivaloo_sim::runner::{replay_command, run_seed_with, scenario_files, sweep};
 use kivaloo_sim::scenario::Scenario;
 use kivaloo_sim::shrink::shrink;
 
@@ -42,6 +43,37 @@ enum Command {
         /// `<name>-seed-<N>-shrunk.toml` in the current directory).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Force a power loss at a crash point, `<point>:<occurrence>`
+        /// (points: mid-append, new-file-before-dir-sync, mid-cleaning,
+        /// mid-free), as crash-state enumeration does.
+        #[arg(long)]
+        crash_at: Option<String>,
+        /// The persisted state at that power loss: one option per decision,
+        /// as `enumerate` prints them (`0.3.1`; default: everything kept).
+        #[arg(long, default_value = "0")]
+        crash_state: String,
+    },
+    /// Crash-state enumeration: for each seed, crash point and occurrence,
+    /// run recovery and every oracle on each legal persisted state of the
+    /// disk (all up to --bound, a stratified sample above).
+    Enumerate {
+        /// A directory of scenario files, or one scenario file.
+        path: PathBuf,
+        /// Seeds per scenario (default: each scenario's own count).
+        #[arg(long)]
+        seeds: Option<u64>,
+        /// Crash points, comma-separated (default: all four).
+        #[arg(long, default_value = "mid-append,new-file-before-dir-sync,mid-cleaning,mid-free")]
+        points: String,
+        /// Occurrences of each point to crash at, comma-separated.
+        #[arg(long, default_value = "1,2,3,5,8")]
+        occurrences: String,
+        /// The most states per crash; above it, a stratified sample.
+        #[arg(long, default_value_t = 64)]
+        bound: u64,
+        /// Threads (default: all cores).
+        #[arg(long)]
+        jobs: Option<usize>,
     },
     /// Run many seeds of every scenario in a directory (or one file).
     Sweep {
@@ -54,6 +86,86 @@ enum Command {
         #[arg(long)]
         jobs: Option<usize>,
     },
+}
+
+/// The plan of `--crash-at <point>:<occurrence> --crash-state <choices>`.
+fn crash_plan(at: &str, state: &str) -> Result<CrashPlan, String> {
+    let (point, occurrence) = at.split_once(':').unwrap_or((at, "1"));
+    let point = CrashPoint::parse(point).ok_or_else(|| format!("no crash point {point:?}"))?;
+    let occurrence = occurrence.parse().map_err(|_| format!("bad occurrence {occurrence:?}"))?;
+    let choices = parse_choices(state).ok_or_else(|| format!("bad crash state {state:?}"))?;
+    Ok(CrashPlan { point, occurrence, choices })
+}
+
+/// The scenario files at `path` (a directory's, or the file itself).
+fn files_at(path: PathBuf) -> Result<Vec<PathBuf>, String> {
+    if path.is_dir() {
+        scenario_files(&path)
+    } else {
+        Ok(vec![path])
+    }
+}
+
+/// Runs `kivaloo-sim enumerate`.
+fn enumerate_command(
+    path: PathBuf,
+    seeds: Option<u64>,
+    points: &str,
+    occurrences: &str,
+    bound: u64,
+    jobs: usize,
+) -> Result<bool, String> {
+    let files = files_at(path)?;
+    let points: Vec<CrashPoint> = points
+        .split(',')
+        .map(|p| CrashPoint::parse(p.trim()).ok_or_else(|| format!("no crash point {p:?}")))
+        .collect::<Result<_, _>>()?;
+    let occurrences: Vec<u64> = occurrences
+        .split(',')
+        .map(|o| o.trim().parse().map_err(|_| format!("bad occurrence {o:?}")))
+        .collect::<Result<_, _>>()?;
+    std::panic::set_hook(Box::new(|_| {}));
+    let started = Instant::now();
+    let sweep = enumerate_sweep(&files, seeds, &points, &occurrences, bound, jobs)?;
+    let secs = started.elapsed().as_secs_f64();
+    for (path, seed, e) in &sweep.failures {
+        for (choices, failure) in &e.failures {
+            let at = format!("{}:{}", e.point, e.occurrence);
+            println!(
+                "FAILED: {} seed {seed} crash at {at} state {}: {failure}",
+                path.display(),
+                show_choices(choices)
+            );
+            println!(
+                "  replay: cargo run --release -p kivaloo-sim -- run {} --seed {seed} --crash-at {at} --crash-state {} --trace",
+                path.display(),
+                show_choices(choices)
+            );
+        }
+    }
+    println!("crash point                 tried  reached  exhaustive  states run  most legal states");
+    let mut states = 0;
+    for (point, t) in &sweep.points {
+        states += t.states_run;
+        println!(
+            "{:<26} {:>6} {:>8} {:>11} {:>11} {:>18}",
+            point.name(),
+            t.tried,
+            t.reached,
+            t.exhaustive,
+            t.states_run,
+            t.states_legal_max
+        );
+    }
+    println!(
+        "{states} crash states of {} scenarios: {} simulated requests in {secs:.2} s ({:.0} requests/s on {jobs} \
+         threads); {} enumerations failed",
+        files.len(),
+        sweep.requests,
+        sweep.requests as f64 / secs,
+        sweep.failures.len()
+    );
+    Ok(sweep.failures.is_empty())
 }
 
 /// Shrinks the failing `seed`, writes the reproduction and prints it.
@@ -109,7 +221,16 @@ fn report_shrunk(scenario: &Scenario, seed: u64, runs_max: u64, out: Option<Path
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { scenario: path, seed, trace, shrink: shrink_it, shrink_runs, out } => {
+        Command::Run {
+            scenario: path,
+            seed,
+            trace,
+            shrink: shrink_it,
+            shrink_runs,
+            out,
+            crash_at,
+            crash_state,
+        } => {
             let scenario = match Scenario::load(&path) {
                 Ok(s) => s,
                 Err(e) => {
@@ -121,8 +242,32 @@ fn main() -> ExitCode {
                 eprintln!("kivaloo-sim: {}: no --seed, and the file has no [replay] seed", path.display());
                 return ExitCode::from(2);
             };
+            let plan = match crash_at.as_deref().map(|at| crash_plan(at, &crash_state)).transpose() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("kivaloo-sim: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if plan.is_some() && shrink_it {
+                eprintln!("kivaloo-sim: --shrink does not take --crash-at");
+                return ExitCode::from(2);
+            }
             let started = Instant::now();
-            let outcome = run_seed(&scenario, seed, trace);
+            let outcome = run_seed_with(&scenario, seed, trace, plan.as_ref());
+            if let Some(plan) = &plan {
+                match &outcome.forced_crash {
+                    Some(f) => println!(
+                        "power loss forced at {} #{} at {:.6} s: options {:?}, taken {}",
+                        plan.point,
+                        plan.occurrence,
+                        f.at_ns as f64 / 1e9,
+                        f.arities,
+                        show_choices(&f.taken)
+                    ),
+                    None => println!("the run never reached {} #{}", plan.point, plan.occurrence),
+                }
+            }
             for line in &outcome.trace {
                 println!("{line}");
             }
@@ -159,17 +304,24 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Sweep { path, seeds, jobs } => {
-            let files = if path.is_dir() {
-                match scenario_files(&path) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        eprintln!("kivaloo-sim: {e}");
-                        return ExitCode::from(2);
-                    }
+        Command::Enumerate { path, seeds, points, occurrences, bound, jobs } => {
+            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            match enumerate_command(path, seeds, &points, &occurrences, bound, jobs) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("kivaloo-sim: {e}");
+                    ExitCode::from(2)
                 }
-            } else {
-                vec![path]
+            }
+        }
+        Command::Sweep { path, seeds, jobs } => {
+            let files = match files_at(path) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("kivaloo-sim: {e}");
+                    return ExitCode::from(2);
+                }
             };
             let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             // A panicking run is reported as that seed's failure (with its
