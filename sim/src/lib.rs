@@ -2,6 +2,7 @@
 //! `sim/DESIGN.md` for one line per module.
 
 pub mod client;
+pub mod coverage;
 pub mod enumerate;
 pub mod kvlds_workload;
 pub mod lbs_workload;

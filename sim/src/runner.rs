@@ -1,10 +1,12 @@
 //! Running seeds: one (with its outcome and the command that replays it),
 //! or a sweep of many over a directory of scenarios, on several threads.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::coverage::{unreached, Family};
 use crate::enumerate::CrashPlan;
 use crate::scenario::Scenario;
 use crate::world::{Outcome, World};
@@ -73,10 +75,22 @@ pub struct SweepReport {
     pub ended_by_damage: u64,
     pub failures: Vec<Failure>,
     /// Probe counts summed over the sweep.
-    pub probes: std::collections::BTreeMap<String, u64>,
+    pub probes: BTreeMap<String, u64>,
+    /// Probe counts summed over each family of scenarios swept.
+    pub probes_by_family: BTreeMap<Family, BTreeMap<String, u64>>,
     /// The space oracle's largest ratio over the sweep's runs (stored
     /// bytes over the tree's bytes), if any run checked it.
     pub space_ratio_max: Option<f64>,
+}
+
+impl SweepReport {
+    /// Every probe a family swept must reach and never did, with its family.
+    pub fn unreached(&self) -> Vec<(Family, &'static str)> {
+        self.probes_by_family
+            .iter()
+            .flat_map(|(&family, probes)| unreached(family, probes).into_iter().map(move |p| (family, p)))
+            .collect()
+    }
 }
 
 /// The scenario files in `dir` (not in subdirectories), sorted.
@@ -110,9 +124,13 @@ pub fn sweep(files: &[PathBuf], seeds: Option<u64>, jobs: usize) -> Result<Sweep
     on_threads(
         &work,
         jobs,
-        |(path, scenario, seed)| (path.clone(), run_seed(scenario, *seed, false)),
-        |(path, outcome)| {
+        |(path, scenario, seed)| (path.clone(), Family::of(scenario), run_seed(scenario, *seed, false)),
+        |(path, family, outcome)| {
             let r = &mut report;
+            let by_family = r.probes_by_family.entry(family).or_default();
+            for (name, n) in &outcome.probes {
+                *by_family.entry(name.clone()).or_default() += n;
+            }
             r.runs += 1;
             r.requests += outcome.requests;
             r.crashes += outcome.crashes;

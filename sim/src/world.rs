@@ -224,6 +224,9 @@ pub struct World {
     crash_plan: Option<CrashPlan>,
     crash_point_hits: u64,
     forced_crash: Option<ForcedCrash>,
+    /// The lbs incarnation whose recovery cut a torn tail, until a kvlds
+    /// found its root on it.
+    torn_tail_cut_by_inc: Option<u64>,
 }
 
 impl World {
@@ -346,6 +349,27 @@ impl World {
             crash_plan: None,
             crash_point_hits: 0,
             forced_crash: None,
+            torn_tail_cut_by_inc: None,
+        }
+    }
+
+    /// kvlds (component `p`) accepts: if it found a root on an lbs whose
+    /// recovery cut a torn tail, the probe for that path counts it.
+    fn note_root_behind_torn_tail(&mut self, p: usize) {
+        let Some(lbs) = self.procs.get(p + 1) else { return };
+        if self.torn_tail_cut_by_inc != Some(lbs.inc) || lbs.node.is_none() {
+            return;
+        }
+        let found_root = self.procs[p]
+            .node
+            .as_ref()
+            .map(|n| n.probes())
+            .unwrap_or_default()
+            .iter()
+            .any(|(name, n)| name == "kvlds.recoveries_found_root" && *n > 0);
+        if found_root {
+            self.torn_tail_cut_by_inc = None;
+            self.probe("sim: kvlds found its root behind a torn tail lbs cut");
         }
     }
 
@@ -1163,6 +1187,9 @@ impl World {
                     let pr = &mut self.procs[p];
                     pr.accepting = on;
                     pr.served |= on;
+                    if on && pr.kind == Kind::Kvlds {
+                        self.note_root_behind_torn_tail(p);
+                    }
                     if on {
                         if p == 0 {
                             self.schedule_tick(0);
@@ -1189,6 +1216,9 @@ impl World {
                 }
                 Output::Log { message, .. } => {
                     if self.procs[p].kind == Kind::Lbs {
+                        if message.contains("discarding") {
+                            self.torn_tail_cut_by_inc = Some(self.procs[p].inc);
+                        }
                         for (needle, probe) in LOG_PROBES {
                             if message.contains(needle) {
                                 *self.probes.entry(probe.to_string()).or_default() += 1;

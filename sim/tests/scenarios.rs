@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use kivaloo_sim::coverage::Family;
 use kivaloo_sim::runner::{replay_command, run_seed, scenario_files};
 use kivaloo_sim::scenario::Scenario;
 
@@ -107,10 +108,7 @@ fn the_space_oracle_holds_for_every_seed_of_its_scenarios_and_is_checked() {
         }
     }
     assert!(checked >= 4, "space oracle seeds missing: {checked} run");
-    assert_reached(
-        &["kvlds.leaves_cleaned", "kvlds.cleaning_only_commits", "lbs: freed file removed"],
-        &probes,
-    );
+    assert_reached(Family::Space.required(), &probes);
 }
 
 #[test]
@@ -137,36 +135,7 @@ fn every_lbs_scenario_passes_its_ci_seeds_twice_alike_and_reaches_every_probe() 
     let (files, failures, probes) = sweep_ci("lbs-", CI_SEEDS);
     assert!(files >= 8, "lbs scenarios missing: {files} found");
     assert!(failures.is_empty(), "{} failing seeds:\n{}", failures.len(), failures.join("\n"));
-    assert_reached(
-        &[
-            "sim: crashes",
-            "sim: power losses",
-            "sim: connection resets",
-            "sim: node timers fired",
-            "disk: torn_writes",
-            "disk: scattered_torn_writes",
-            "disk: dropped_writes",
-            "disk: failed_fsyncs",
-            "disk: fsync_kept_pages",
-            "disk: failed_dir_syncs",
-            "disk: vanished_creates",
-            "disk: eio_reads",
-            "disk: eio_writes",
-            "disk: enospc",
-            "disk: disk_full",
-            "disk: short_reads",
-            "disk: short_writes",
-            "disk: misdirected",
-            "disk: rotted",
-            "lbs: torn tail cut at recovery",
-            "lbs: torn new file removed at recovery",
-            "lbs: torn header rewritten at recovery",
-            "lbs: corruption reported on GET",
-            "lbs: stopped after a failed fsync",
-            "lbs: freed file removed",
-        ],
-        &probes,
-    );
+    assert_reached(Family::Lbs.required(), &probes);
 }
 
 #[test]
@@ -174,47 +143,7 @@ fn every_kvlds_scenario_passes_its_ci_seeds_twice_alike_and_reaches_every_probe(
     let (files, failures, probes) = sweep_ci("kvlds-", KVLDS_CI_SEEDS);
     assert!(files >= 4, "kvlds scenarios missing: {files} found");
     assert!(failures.is_empty(), "{} failing seeds:\n{}", failures.len(), failures.join("\n"));
-    assert_reached(
-        &[
-            // The B+tree's hard paths (kvlds's own counters, summed over
-            // every incarnation).
-            "kvlds.commits",
-            "kvlds.splits",
-            "kvlds.root_splits",
-            "kvlds.merges",
-            "kvlds.deroots",
-            "kvlds.evictions",
-            "kvlds.page_reads",
-            "kvlds.waits_for_pages",
-            "kvlds.recoveries_found_root",
-            "kvlds.frees",
-            // Cleaning, racing commits and crashes.
-            "kvlds.censuses",
-            "kvlds.leaves_cleaned",
-            "kvlds.cleaning_commits",
-            "kvlds.cleaning_only_commits",
-            "kvlds.cleaning_reads",
-            "sim: crashes during a cleaning commit",
-            "lbs: freed file removed",
-            // The chain under faults.
-            "sim: kvlds crashes",
-            "sim: lbs crashes",
-            "sim: power losses",
-            "sim: connection resets",
-            "sim: client reconnections",
-            "sim: upstream reconnections",
-            "sim: node timers fired",
-            "sim: liveness phases passed",
-            "kvlds: exited after its upstream closed",
-            "lbs: stopped after a failed fsync",
-            "lbs: torn tail cut at recovery",
-            "disk: failed_fsyncs",
-            "disk: eio_reads",
-            "disk: rotted",
-            "disk: misdirected",
-        ],
-        &probes,
-    );
+    assert_reached(Family::Kvlds.required(), &probes);
 }
 
 #[test]
@@ -222,36 +151,7 @@ fn every_full_stack_scenario_passes_its_ci_seeds_twice_alike_and_reaches_every_p
     let (files, failures, probes) = sweep_ci("full-", FULL_CI_SEEDS);
     assert!(files >= 3, "full-stack scenarios missing: {files} found");
     assert!(failures.is_empty(), "{} failing seeds:\n{}", failures.len(), failures.join("\n"));
-    assert_reached(
-        &[
-            // The mux's hard paths (its own counters).
-            "mux.requests_forwarded",
-            "mux.responses_routed",
-            "mux.responses_dropped",
-            "mux.clients_gone_with_requests",
-            // Every component under faults, and the clients through them.
-            "sim: mux crashes",
-            "sim: kvlds crashes",
-            "sim: lbs crashes",
-            "mux: exited after its upstream closed",
-            "kvlds: exited after its upstream closed",
-            "sim: connection resets",
-            "sim: client reconnections",
-            "sim: upstream reconnections",
-            "sim: clients left to make room at the mux's limit",
-            "sim: liveness phases passed",
-            "kvlds.commits",
-            "kvlds.splits",
-            "kvlds.merges",
-            "kvlds.waits_for_pages",
-            "kvlds.leaves_cleaned",
-            "sim: crashes during a cleaning commit",
-            "lbs: stopped after a failed fsync",
-            "disk: failed_fsyncs",
-            "disk: misdirected",
-        ],
-        &probes,
-    );
+    assert_reached(Family::Full.required(), &probes);
 }
 
 #[test]

@@ -85,6 +85,11 @@ enum Command {
         /// Threads (default: all cores).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Fail if a family of scenarios swept (lbs, kvlds, full stack,
+        /// space) never reached one of the probes it must
+        /// (`sim/src/coverage.rs`), naming it.
+        #[arg(long)]
+        require_probes: bool,
     },
 }
 
@@ -315,7 +320,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Sweep { path, seeds, jobs } => {
+        Command::Sweep { path, seeds, jobs, require_probes } => {
             let files = match files_at(path) {
                 Ok(f) => f,
                 Err(e) => {
@@ -346,6 +351,10 @@ fn main() -> ExitCode {
             if let Some(ratio) = report.space_ratio_max {
                 println!("space oracle: lbs held at most {ratio:.2} times the tree's pages");
             }
+            let unreached = if require_probes { report.unreached() } else { Vec::new() };
+            for (family, probe) in &unreached {
+                println!("UNREACHED: the {} scenarios never reached the probe {probe:?}", family.name());
+            }
             println!(
                 "{} runs of {} scenarios: {} simulated requests, {} crashes ({} power losses), {} ended by \
                  reported damage, in {secs:.2} s ({:.0} requests/s on {jobs} threads); {} failed",
@@ -358,7 +367,7 @@ fn main() -> ExitCode {
                 report.requests as f64 / secs,
                 report.failures.len()
             );
-            if report.failures.is_empty() {
+            if report.failures.is_empty() && unreached.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
