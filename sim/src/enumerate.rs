@@ -259,13 +259,15 @@ pub struct EnumerationSweep {
     pub failures: Vec<(PathBuf, u64, Enumeration)>,
 }
 
-/// Enumerates `points` at each of `occurrences` for seeds `0..seeds` (or
-/// each scenario's own count) of every scenario, on `jobs` threads.
+/// Enumerates `points` at each of `occurrences` for seeds `first..first +
+/// seeds` (or each scenario's own count) of every scenario, on `jobs`
+/// threads.
 ///
 /// # Errors
 /// A scenario cannot be loaded.
 pub fn enumerate_sweep(
     files: &[PathBuf],
+    first: u64,
     seeds: Option<u64>,
     points: &[CrashPoint],
     occurrences: &[u64],
@@ -275,7 +277,7 @@ pub fn enumerate_sweep(
     let mut work = Vec::new();
     for path in files {
         let scenario = Arc::new(Scenario::load(path)?);
-        for seed in 0..seeds.unwrap_or(scenario.seeds) {
+        for seed in first..first + seeds.unwrap_or(scenario.seeds) {
             for &point in points {
                 for &occurrence in occurrences {
                     work.push((path.clone(), scenario.clone(), seed, point, occurrence));

@@ -9,6 +9,7 @@ pub mod lbs_workload;
 pub mod linearizability;
 pub mod link;
 pub mod network;
+pub mod nightly;
 pub mod process;
 pub mod rng;
 pub mod runner;

@@ -113,10 +113,24 @@ pub fn scenario_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
 /// # Errors
 /// A scenario cannot be loaded.
 pub fn sweep(files: &[PathBuf], seeds: Option<u64>, jobs: usize) -> Result<SweepReport, String> {
+    sweep_from(files, 0, seeds, jobs)
+}
+
+/// Runs seeds `first..first + seeds` (or each scenario's own count) of
+/// every scenario, on `jobs` threads.
+///
+/// # Errors
+/// A scenario cannot be loaded.
+pub fn sweep_from(
+    files: &[PathBuf],
+    first: u64,
+    seeds: Option<u64>,
+    jobs: usize,
+) -> Result<SweepReport, String> {
     let mut work = Vec::new();
     for path in files {
         let scenario = Arc::new(Scenario::load(path)?);
-        for seed in 0..seeds.unwrap_or(scenario.seeds) {
+        for seed in first..first + seeds.unwrap_or(scenario.seeds) {
             work.push((path.clone(), scenario.clone(), seed));
         }
     }

@@ -24,7 +24,7 @@ fn scenario(name: &str) -> PathBuf {
 fn every_persisted_state_at_each_crash_point_recovers_and_passes_every_oracle() {
     let files: Vec<PathBuf> =
         ["lbs-quiet.toml", "kvlds-quiet.toml", "full-quiet.toml"].into_iter().map(scenario).collect();
-    let sweep = enumerate_sweep(&files, Some(SEEDS), &CrashPoint::ALL, OCCURRENCES, BOUND, 2).unwrap();
+    let sweep = enumerate_sweep(&files, 0, Some(SEEDS), &CrashPoint::ALL, OCCURRENCES, BOUND, 2).unwrap();
     let failures: Vec<String> = sweep
         .failures
         .iter()

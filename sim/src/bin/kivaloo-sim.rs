@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use kivaloo_sim::enumerate::{enumerate_sweep, parse_choices, show_choices, CrashPlan, CrashPoint};
+use kivaloo_sim::nightly::{nightly, NightlyConfig};
 use kivaloo_sim::runner::{replay_command, run_seed_with, scenario_files, sweep};
 use kivaloo_sim::scenario::Scenario;
 use kivaloo_sim::shrink::shrink;
@@ -52,6 +53,38 @@ enum Command {
         /// as `enumerate` prints them (`0.3.1`; default: everything kept).
         #[arg(long, default_value = "0")]
         crash_state: String,
+    },
+    /// The long sweep (a nightly job): rounds of fresh seeds over every
+    /// scenario, and crash-state enumeration, until the time is up; every
+    /// failure shrunk; a Markdown report rewritten after each round.
+    Nightly {
+        /// A directory of scenario files, or one scenario file.
+        path: PathBuf,
+        /// How long to run, in hours.
+        #[arg(long)]
+        hours: f64,
+        /// The report; shrunk reproductions go in its directory.
+        #[arg(long, default_value = "nightly-report.md")]
+        report: PathBuf,
+        /// The first seed (default: from the date, a million seeds a day,
+        /// so that each night runs new ones; the report names them).
+        #[arg(long)]
+        first_seed: Option<u64>,
+        /// Seeds per scenario per round.
+        #[arg(long, default_value_t = 200)]
+        seeds_per_round: u64,
+        /// Of those, seeds whose crash points are enumerated.
+        #[arg(long, default_value_t = 10)]
+        enumerated_per_round: u64,
+        /// The most states per enumerated crash.
+        #[arg(long, default_value_t = 64)]
+        bound: u64,
+        /// The most runs one shrink may spend.
+        #[arg(long, default_value_t = 600)]
+        shrink_runs: u64,
+        /// Threads (default: all cores).
+        #[arg(long)]
+        jobs: Option<usize>,
     },
     /// Crash-state enumeration: for each seed, crash point and occurrence,
     /// run recovery and every oracle on each legal persisted state of the
@@ -131,7 +164,7 @@ fn enumerate_command(
         .collect::<Result<_, _>>()?;
     std::panic::set_hook(Box::new(|_| {}));
     let started = Instant::now();
-    let sweep = enumerate_sweep(&files, seeds, &points, &occurrences, bound, jobs)?;
+    let sweep = enumerate_sweep(&files, 0, seeds, &points, &occurrences, bound, jobs)?;
     let secs = started.elapsed().as_secs_f64();
     for (path, seed, e) in &sweep.failures {
         for (choices, failure) in &e.failures {
@@ -306,6 +339,59 @@ fn main() -> ExitCode {
                         report_shrunk(&scenario, seed, shrink_runs, out);
                     }
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Nightly {
+            path,
+            hours,
+            report,
+            first_seed,
+            seeds_per_round,
+            enumerated_per_round,
+            bound,
+            shrink_runs,
+            jobs,
+        } => {
+            let files = match files_at(path) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("kivaloo-sim: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if !(hours.is_finite() && hours >= 0.0) {
+                eprintln!("kivaloo-sim: --hours must be a number of hours");
+                return ExitCode::from(2);
+            }
+            let first_seed = first_seed.unwrap_or_else(|| {
+                let days = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() / 86_400);
+                days * 1_000_000
+            });
+            let cfg = NightlyConfig {
+                files,
+                report,
+                duration: std::time::Duration::from_secs_f64(hours * 3600.0),
+                first_seed,
+                seeds_per_round,
+                enumerated_per_round: enumerated_per_round.min(seeds_per_round),
+                bound,
+                jobs: jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                shrink_runs,
+            };
+            std::panic::set_hook(Box::new(|_| {}));
+            println!("long sweep from seed {first_seed} for {hours} h; report: {}", cfg.report.display());
+            match nightly(&cfg, &mut |line| println!("{line}")) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => {
+                    println!("failures found: see {}", cfg.report.display());
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("kivaloo-sim: {e}");
+                    ExitCode::from(2)
                 }
             }
         }
