@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Shows that the simulator's oracles are not vacuous: for each deliberate
-# bug below (lbs: the five of the simulator issue, and three a review of
-# the oracle found it missed at first; kvlds: the four of the kvlds issue,
-# and two a review of its oracle found it missed at first; cleaning: a
-# cleaned leaf that loses a pair, and a cleaner that never cleans, against
-# the space oracle's own scenario and seeds; mux: three of routing, against
-# the full-stack scenarios), patch a copy
-# of the tree, build the simulator, and sweep the scenarios of that component with the seed budget `cargo test` runs
-# (CI_SEEDS in sim/tests/scenarios.rs). Each bug must be caught; the first
-# failing seed is printed. Usage: bash ci/mutants.sh [seeds]
+# Shows that the simulator's oracles are not vacuous. For each deliberate
+# bug below (lbs: the five of the simulator issue, three a review of the
+# oracle found it missed at first, and three that show only at particular
+# crash points; kvlds: the four of the kvlds issue, and two a review of its
+# oracle found it missed at first; cleaning: a cleaned leaf that loses a
+# pair, and a cleaner that never cleans, against the space oracle's own
+# scenario and seeds; mux: three of routing, against the full-stack
+# scenarios), patch a copy of the tree, build the simulator, and
+#   - sample: sweep the scenarios of that component with the seed budget
+#     `cargo test` runs (CI_SEEDS in sim/tests/scenarios.rs);
+#   - enumerate: crash-state enumeration of a few of its scenarios
+#     (`enum_scenarios` below), every crash point, a few seeds.
+# Each bug must be caught by at least one; the table prints the first
+# failing seed of each (or "not caught"). Usage: bash ci/mutants.sh [seeds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -39,6 +43,17 @@ mutants=(
   "kvlds-cleaning-drops-a-pair|kvlds|nodes/src/kvlds/tree.rs|        self.leaf_for(key, cache)?;\n        self.modified = true;\n        Ok(true)|        let l = self.leaf_for(key, cache)?;\n        if let DirtyBody::Leaf(p) = &mut self.node_mut(l).body { p.pop(); }\n        self.modified = true;\n        Ok(true)"
   "kvlds-cleaning-never-cleans|kvlds-space|nodes/src/kvlds/clean.rs|        if self.debt_cleans < 1.0 {|        if self.debt_cleans < f64::INFINITY {"
   "kvlds-recovery-takes-older-root|kvlds|nodes/src/kvlds/recovery.rs|let start = (last_block != NO_LAST_BLOCK).then_some(last_block);|let start = (last_block != NO_LAST_BLOCK).then_some(last_block.saturating_sub(1));"
+  # Three that show only at particular crash points (crash-state
+  # enumeration's targets): recovery trusting a torn batch whose first and
+  # last records survived (a power loss mid-APPEND, sectors reaching the
+  # medium out of order); recovery serving files whose directory entries it
+  # never made durable (a crash between a new file's data sync and its
+  # directory sync, then a power loss); one directory fsync for several
+  # removals (a power loss mid-FREE brings back an older file but not a
+  # newer one: the files left are not a suffix).
+  "lbs-recovery-checks-batch-ends-only|lbs|nodes/src/lbs/recovery.rs|places[lo..=j as usize]|places[lo..=lo]"
+  "lbs-recovery-skips-dir-sync|lbs|nodes/src/lbs/startup.rs|(Step::SyncNewestAgain, _) => self.step(Step::SyncDir, DiskOp::SyncDir),|(Step::SyncNewestAgain, _) => self.finish_recovery(),"
+  "lbs-one-dir-sync-for-many-removals|lbs|nodes/src/lbs/mod.rs|                if self.cfg.fsync {\n                    // Removals are made durable one at a time, oldest first, so\n                    // that after a crash the files left are always a suffix.|                let more = self.files.len() >= 2 && self.files[1].first_block <= self.free_mark && self.files[0].reads_in_flight == 0;\n                if self.cfg.fsync && !more {\n                    // One directory fsync makes every removal durable: issued\n                    // after the last file that can go."
 )
 
 # The unmutated tree must pass the same sweep, or a false failure would make
@@ -55,8 +70,38 @@ if ! "$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/clean" --seeds "$seeds
   echo "the unmutated tree fails the sweep:"; grep '^FAILED' "$work/clean.log"; exit 1
 fi
 
+# Crash-state enumeration's share: the scenarios of each component it
+# enumerates (every crash point, occurrences 1, 2, 3, 5 and 8, at most 32
+# states a crash), and the seeds of each.
+enum_scenarios() {
+  case $1 in
+    lbs) echo "lbs-quiet lbs-crashes lbs-torn-writes lbs-torn-new-files" ;;
+    kvlds) echo "kvlds-quiet kvlds-crashes" ;;
+    full) echo "full-quiet full-crashes" ;;
+    *) echo "" ;;
+  esac
+}
+enum_seeds=10
+# Enumerates the crash points of the scenarios of component $2 in tree $1;
+# prints the first failing state, if any.
+enumerate_in() {
+  local tree=$1 prefix=$2 names
+  names=$(enum_scenarios "$prefix")
+  [ -n "$names" ] || { echo "n/a"; return; }
+  rm -rf "$work/enum" && mkdir "$work/enum"
+  for n in $names; do cp "$tree/scenarios/$n.toml" "$work/enum/"; done
+  "$CARGO_TARGET_DIR/release/kivaloo-sim" enumerate "$work/enum" --seeds "$enum_seeds" --bound 32 --first-failure \
+    | grep -m1 '^FAILED:' || true
+}
+for prefix in lbs kvlds full; do
+  if [ "$(enumerate_in "$root" "$prefix")" != "" ]; then
+    echo "the unmutated tree fails crash-state enumeration ($prefix):"; enumerate_in "$root" "$prefix"; exit 1
+  fi
+done
+
 status=0
-printf '%-34s %s\n' "bug" "first failing seed (of $seeds per scenario)"
+printf '%-38s | %-60s | %s\n' "bug" "sampling: first failing seed ($seeds per scenario)" \
+  "enumeration: first failing crash state ($enum_seeds seeds per scenario)"
 for m in "${mutants[@]}"; do
   IFS='|' read -r name prefix file from to <<<"$m"
   rm -rf "$work/tree" && mkdir "$work/tree"
@@ -81,11 +126,15 @@ PY
     out=$("$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/scenarios" --seeds "$seeds" || true)
   fi
   first=$(echo "$out" | grep -m1 '^FAILED:' || true)
-  if [ -z "$first" ]; then
-    printf '%-34s %s\n' "$name" "NOT CAUGHT"
+  first=${first#FAILED: $work/scenarios/}
+  sampled=${first:-not caught}
+  enumerated=$(enumerate_in "$work/tree" "$prefix")
+  enumerated=${enumerated#FAILED: $work/enum/}
+  enumerated=${enumerated:-not caught}
+  printf '%-38s | %-60s | %s\n' "$name" "$(echo "$sampled" | cut -c1-60)" "$(echo "$enumerated" | cut -c1-110)"
+  if [ "$sampled" = "not caught" ] && [ "$enumerated" = "not caught" ]; then
+    echo "  NOT CAUGHT: neither sampling nor enumeration found $name"
     status=1
-  else
-    printf '%-34s %s\n' "$name" "${first#FAILED: $work/}"
   fi
 done
 exit $status

@@ -136,6 +136,7 @@ const FULL: &[&str] = &[
     "mux.responses_dropped",
     "mux.clients_gone_with_requests",
     "mux.accepting_paused_at_limit",
+    "mux.client_reads_paused_at_bytes_bound",
     // Every component under faults, and the clients through them.
     "sim: mux crashes",
     "sim: kvlds crashes",

@@ -26,6 +26,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::rng::{Concern, Stream};
@@ -259,9 +260,21 @@ pub struct EnumerationSweep {
     pub failures: Vec<(PathBuf, u64, Enumeration)>,
 }
 
+/// What an enumeration sweep enumerates at each seed.
+#[derive(Debug, Clone, Copy)]
+pub struct SweepPlan<'a> {
+    pub points: &'a [CrashPoint],
+    /// Occurrences of each point to crash at (from 1).
+    pub occurrences: &'a [u64],
+    /// The most states per crash; above it, a stratified sample.
+    pub bound: u64,
+    pub stop_at_first_failure: bool,
+}
+
 /// Enumerates `points` at each of `occurrences` for seeds `first..first +
 /// seeds` (or each scenario's own count) of every scenario, on `jobs`
-/// threads.
+/// threads; with `stop_at_first_failure`, no enumeration starts after one
+/// failed (those already running finish).
 ///
 /// # Errors
 /// A scenario cannot be loaded.
@@ -269,11 +282,10 @@ pub fn enumerate_sweep(
     files: &[PathBuf],
     first: u64,
     seeds: Option<u64>,
-    points: &[CrashPoint],
-    occurrences: &[u64],
-    bound: u64,
+    what: &SweepPlan<'_>,
     jobs: usize,
 ) -> Result<EnumerationSweep, String> {
+    let SweepPlan { points, occurrences, bound, stop_at_first_failure } = *what;
     let mut work = Vec::new();
     for path in files {
         let scenario = Arc::new(Scenario::load(path)?);
@@ -286,13 +298,21 @@ pub fn enumerate_sweep(
         }
     }
     let mut sweep = EnumerationSweep::default();
+    let stop = AtomicBool::new(false);
     on_threads(
         &work,
         jobs,
         |(path, scenario, seed, point, occurrence)| {
-            (path.clone(), *seed, enumerate(scenario, *seed, *point, *occurrence, bound))
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            Some((path.clone(), *seed, enumerate(scenario, *seed, *point, *occurrence, bound)))
         },
-        |(path, seed, e)| {
+        |result| {
+            let Some((path, seed, e)) = result else { return };
+            if stop_at_first_failure && !e.failures.is_empty() {
+                stop.store(true, Ordering::Relaxed);
+            }
             let t = sweep.points.entry(e.point).or_default();
             t.tried += 1;
             t.reached += u64::from(e.reached);

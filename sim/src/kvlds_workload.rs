@@ -48,6 +48,11 @@ use crate::rng::Stream;
 pub const IN_FLIGHT_PER_KEY_MAX: u32 = 4;
 /// RANGE requests in flight at once.
 pub const RANGES_IN_FLIGHT_MAX: u32 = 2;
+/// RANGE requests in flight at once with big RANGEs (`big_ranges`): enough
+/// for one client's reservations to pass the mux's 4 MiB bound.
+pub const BIG_RANGES_IN_FLIGHT_MAX: u32 = 6;
+/// The byte budget of every big RANGE (kvlds's cap).
+pub const BIG_RANGE_BYTES: u32 = 1 << 20;
 /// Values remembered per key as CAS and CAD comparands.
 const RECENT_VALUES_MAX: usize = 4;
 
@@ -286,6 +291,9 @@ pub struct KvldsClient {
     /// Every value ever sent for each key (honesty).
     written: Vec<BTreeSet<Bytes>>,
     ranges_in_flight: u32,
+    ranges_in_flight_max: u32,
+    /// Every RANGE asks for [`BIG_RANGE_BYTES`].
+    big_ranges: bool,
     slots: Vec<Slot>,
     /// Connections opened so far (the last one's number).
     conns_opened: u64,
@@ -354,6 +362,8 @@ impl KvldsClient {
             recent: vec![VecDeque::new(); n],
             written: vec![BTreeSet::new(); n],
             ranges_in_flight: 0,
+            ranges_in_flight_max: RANGES_IN_FLIGHT_MAX,
+            big_ranges: false,
             slots: (0..clients.max(1))
                 .map(|_| Slot {
                     connected: false,
@@ -677,6 +687,14 @@ impl KvldsClient {
         self.mode = Mode::Update;
     }
 
+    /// Makes every RANGE ask for 1 MiB, with up to
+    /// [`BIG_RANGES_IN_FLIGHT_MAX`] in flight: the load that fills a
+    /// mux's reservations for one client (its backpressure).
+    pub fn big_ranges(&mut self) {
+        self.big_ranges = true;
+        self.ranges_in_flight_max = BIG_RANGES_IN_FLIGHT_MAX;
+    }
+
     /// Issues one workload request; false if none can go now (its key has
     /// too many calls in flight, or too many RANGEs are).
     fn issue_one(&mut self, slot: usize, rng: &mut Stream, now_ns: u64, out: &mut BytesMut) -> bool {
@@ -700,12 +718,12 @@ impl KvldsClient {
                 self.send(slot, Pending::Params, KvldsRequest::Params, out);
             }
             Pick::Range => {
-                if self.ranges_in_flight >= RANGES_IN_FLIGHT_MAX {
+                if self.ranges_in_flight >= self.ranges_in_flight_max {
                     return false;
                 }
                 let start = self.range_bound(rng);
                 let end = self.range_bound(rng);
-                let max_bytes = range_budget(rng);
+                let max_bytes = if self.big_ranges { BIG_RANGE_BYTES } else { range_budget(rng) };
                 self.send_range(slot, start, end, max_bytes, false, now_ns, out);
             }
             keyed => {

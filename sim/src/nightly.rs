@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::coverage::{unreached, Family};
-use crate::enumerate::{enumerate_sweep, show_choices, CrashPoint, PointTotals};
-use crate::runner::{replay_command, sweep_from};
+use crate::enumerate::{enumerate_sweep, show_choices, CrashPoint, PointTotals, SweepPlan};
+use crate::runner::{replay_command, sweep};
 use crate::scenario::Scenario;
 use crate::shrink::{oracle_of, shrink};
 
@@ -80,7 +80,7 @@ pub fn nightly(cfg: &NightlyConfig, log: &mut dyn FnMut(&str)) -> Result<bool, S
     let mut t = Totals::default();
     let mut next = cfg.first_seed;
     while started.elapsed() < cfg.duration {
-        let round = sweep_from(&cfg.files, next, Some(cfg.seeds_per_round), cfg.jobs)?;
+        let round = sweep(&cfg.files, next, Some(cfg.seeds_per_round), cfg.jobs, false)?;
         t.rounds += 1;
         t.runs += round.runs;
         t.requests += round.requests;
@@ -117,9 +117,12 @@ pub fn nightly(cfg: &NightlyConfig, log: &mut dyn FnMut(&str)) -> Result<bool, S
             &cfg.files,
             next,
             Some(cfg.enumerated_per_round),
-            &CrashPoint::ALL,
-            &[1, 2, 3, 5, 8],
-            cfg.bound,
+            &SweepPlan {
+                points: &CrashPoint::ALL,
+                occurrences: &[1, 2, 3, 5, 8],
+                bound: cfg.bound,
+                stop_at_first_failure: false,
+            },
             cfg.jobs,
         )?;
         t.enumerated_requests += enumerated.requests;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::coverage::{unreached, Family};
@@ -107,25 +107,19 @@ pub fn scenario_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
-/// Runs seeds `0..seeds` (or each scenario's own count if `None`) of every
-/// scenario, on `jobs` threads.
-///
-/// # Errors
-/// A scenario cannot be loaded.
-pub fn sweep(files: &[PathBuf], seeds: Option<u64>, jobs: usize) -> Result<SweepReport, String> {
-    sweep_from(files, 0, seeds, jobs)
-}
-
 /// Runs seeds `first..first + seeds` (or each scenario's own count) of
-/// every scenario, on `jobs` threads.
+/// every scenario, on `jobs` threads, lower seeds first; with
+/// `stop_at_first_failure`, no run starts after one failed (those already
+/// running finish).
 ///
 /// # Errors
 /// A scenario cannot be loaded.
-pub fn sweep_from(
+pub fn sweep(
     files: &[PathBuf],
     first: u64,
     seeds: Option<u64>,
     jobs: usize,
+    stop_at_first_failure: bool,
 ) -> Result<SweepReport, String> {
     let mut work = Vec::new();
     for path in files {
@@ -134,12 +128,23 @@ pub fn sweep_from(
             work.push((path.clone(), scenario.clone(), seed));
         }
     }
+    work.sort_by_key(|(_, _, seed)| *seed);
     let mut report = SweepReport::default();
+    let stop = AtomicBool::new(false);
     on_threads(
         &work,
         jobs,
-        |(path, scenario, seed)| (path.clone(), Family::of(scenario), run_seed(scenario, *seed, false)),
-        |(path, family, outcome)| {
+        |(path, scenario, seed)| {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            Some((path.clone(), Family::of(scenario), run_seed(scenario, *seed, false)))
+        },
+        |result| {
+            let Some((path, family, outcome)) = result else { return };
+            if stop_at_first_failure && outcome.failure.is_some() {
+                stop.store(true, Ordering::Relaxed);
+            }
             let r = &mut report;
             let by_family = r.probes_by_family.entry(family).or_default();
             for (name, n) in &outcome.probes {

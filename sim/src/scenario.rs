@@ -107,6 +107,10 @@ pub struct WorkloadSpec {
     /// the steady update load the space oracle is stated for.
     #[serde(default)]
     pub updates_only: bool,
+    /// kvlds workload: every RANGE asks for 1 MiB and up to 6 are in
+    /// flight (the load that makes a mux hold a client back).
+    #[serde(default)]
+    pub big_ranges: bool,
     /// The space oracle: once half the requests are done, lbs's files
     /// must never hold more than this many times the bytes of the tree's
     /// pages (as lbs records), plus two files' worth (the oldest file is

@@ -303,6 +303,9 @@ impl World {
                 if w.updates_only {
                     c.updates_only();
                 }
+                if w.big_ranges {
+                    c.big_ranges();
+                }
                 Client::Kvlds(c)
             }
         };

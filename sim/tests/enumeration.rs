@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kivaloo_sim::enumerate::{enumerate, enumerate_sweep, show_choices, CrashPoint};
+use kivaloo_sim::enumerate::{enumerate, enumerate_sweep, show_choices, CrashPoint, SweepPlan};
 use kivaloo_sim::scenario::Scenario;
 
 /// Seeds per scenario, occurrences per point, and the bound on states per
@@ -24,7 +24,13 @@ fn scenario(name: &str) -> PathBuf {
 fn every_persisted_state_at_each_crash_point_recovers_and_passes_every_oracle() {
     let files: Vec<PathBuf> =
         ["lbs-quiet.toml", "kvlds-quiet.toml", "full-quiet.toml"].into_iter().map(scenario).collect();
-    let sweep = enumerate_sweep(&files, 0, Some(SEEDS), &CrashPoint::ALL, OCCURRENCES, BOUND, 2).unwrap();
+    let plan = SweepPlan {
+        points: &CrashPoint::ALL,
+        occurrences: OCCURRENCES,
+        bound: BOUND,
+        stop_at_first_failure: false,
+    };
+    let sweep = enumerate_sweep(&files, 0, Some(SEEDS), &plan, 2).unwrap();
     let failures: Vec<String> = sweep
         .failures
         .iter()

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use kivaloo_sim::enumerate::{enumerate_sweep, parse_choices, show_choices, CrashPlan, CrashPoint};
+use kivaloo_sim::enumerate::{
+    enumerate_sweep, parse_choices, show_choices, CrashPlan, CrashPoint, SweepPlan,
+};
 use kivaloo_sim::nightly::{nightly, NightlyConfig};
 use kivaloo_sim::runner::{replay_command, run_seed_with, scenario_files, sweep};
 use kivaloo_sim::scenario::Scenario;
@@ -107,6 +109,12 @@ enum Command {
         /// Threads (default: all cores).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Start no enumeration once one has failed.
+        #[arg(long)]
+        first_failure: bool,
+        /// The first seed of each scenario.
+        #[arg(long, default_value_t = 0)]
+        first_seed: u64,
     },
     /// Run many seeds of every scenario in a directory (or one file).
     Sweep {
@@ -118,6 +126,12 @@ enum Command {
         /// Threads (default: all cores).
         #[arg(long)]
         jobs: Option<usize>,
+        /// The first seed of each scenario.
+        #[arg(long, default_value_t = 0)]
+        first_seed: u64,
+        /// Start no run once one has failed.
+        #[arg(long)]
+        first_failure: bool,
         /// Fail if a family of scenarios swept (lbs, kvlds, full stack,
         /// space) never reached one of the probes it must
         /// (`sim/src/coverage.rs`), naming it.
@@ -147,10 +161,9 @@ fn files_at(path: PathBuf) -> Result<Vec<PathBuf>, String> {
 /// Runs `kivaloo-sim enumerate`.
 fn enumerate_command(
     path: PathBuf,
+    first_seed: u64,
     seeds: Option<u64>,
-    points: &str,
-    occurrences: &str,
-    bound: u64,
+    (points, occurrences, bound, first_failure): (&str, &str, u64, bool),
     jobs: usize,
 ) -> Result<bool, String> {
     let files = files_at(path)?;
@@ -164,7 +177,9 @@ fn enumerate_command(
         .collect::<Result<_, _>>()?;
     std::panic::set_hook(Box::new(|_| {}));
     let started = Instant::now();
-    let sweep = enumerate_sweep(&files, 0, seeds, &points, &occurrences, bound, jobs)?;
+    let plan =
+        SweepPlan { points: &points, occurrences: &occurrences, bound, stop_at_first_failure: first_failure };
+    let sweep = enumerate_sweep(&files, first_seed, seeds, &plan, jobs)?;
     let secs = started.elapsed().as_secs_f64();
     for (path, seed, e) in &sweep.failures {
         for (choices, failure) in &e.failures {
@@ -395,9 +410,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Enumerate { path, seeds, points, occurrences, bound, jobs } => {
+        Command::Enumerate { path, seeds, points, occurrences, bound, jobs, first_failure, first_seed } => {
             let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            match enumerate_command(path, seeds, &points, &occurrences, bound, jobs) {
+            let plan = (&points[..], &occurrences[..], bound, first_failure);
+            match enumerate_command(path, first_seed, seeds, plan, jobs) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {
@@ -406,7 +422,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Sweep { path, seeds, jobs, require_probes } => {
+        Command::Sweep { path, seeds, jobs, first_seed, first_failure, require_probes } => {
             let files = match files_at(path) {
                 Ok(f) => f,
                 Err(e) => {
@@ -419,7 +435,7 @@ fn main() -> ExitCode {
             // message); the default hook's backtrace would only be noise.
             std::panic::set_hook(Box::new(|_| {}));
             let started = Instant::now();
-            let report = match sweep(&files, seeds, jobs) {
+            let report = match sweep(&files, first_seed, seeds, jobs, first_failure) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("kivaloo-sim: {e}");
@@ -441,9 +457,13 @@ fn main() -> ExitCode {
             for (family, probe) in &unreached {
                 println!("UNREACHED: the {} scenarios never reached the probe {probe:?}", family.name());
             }
+            let seeds_text = match seeds {
+                Some(n) => format!("seeds {first_seed}..{} of each", first_seed + n),
+                None => "each one's own seeds".into(),
+            };
             println!(
-                "{} runs of {} scenarios: {} simulated requests, {} crashes ({} power losses), {} ended by \
-                 reported damage, in {secs:.2} s ({:.0} requests/s on {jobs} threads); {} failed",
+                "{} runs of {} scenarios ({seeds_text}): {} simulated requests, {} crashes ({} power losses), \
+                 {} ended by reported damage, in {secs:.2} s ({:.0} requests/s on {jobs} threads); {} failed",
                 report.runs,
                 files.len(),
                 report.requests,
