@@ -11,8 +11,9 @@
 #     `cargo test` runs (CI_SEEDS in sim/tests/scenarios.rs);
 #   - enumerate: crash-state enumeration of a few of its scenarios
 #     (`enum_scenarios` below), every crash point, a few seeds.
-# Each bug must be caught by at least one; the table prints the first
-# failing seed of each (or "not caught"). Usage: bash ci/mutants.sh [seeds]
+# Each bug must be caught by at least one; the table prints the failing
+# seed each found first, seeds run lowest first (or "not caught"). Usage:
+# bash ci/mutants.sh [seeds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -120,10 +121,10 @@ PY
   if [ "$prefix" = kvlds-space ]; then
     # The space oracle's scenario: long runs, so its own few seeds.
     cp "$work/tree/scenarios/kvlds-space.toml" "$work/scenarios/"
-    out=$("$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/scenarios" || true)
+    out=$("$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/scenarios" --first-failure || true)
   else
     copy_but_space "$work/scenarios" "$work/tree/scenarios/$prefix"-*.toml
-    out=$("$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/scenarios" --seeds "$seeds" || true)
+    out=$("$CARGO_TARGET_DIR/release/kivaloo-sim" sweep "$work/scenarios" --seeds "$seeds" --first-failure || true)
   fi
   first=$(echo "$out" | grep -m1 '^FAILED:' || true)
   first=${first#FAILED: $work/scenarios/}
