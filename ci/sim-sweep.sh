@@ -28,7 +28,10 @@ for n in lbs-quiet lbs-crashes kvlds-quiet kvlds-crashes full-quiet full-crashes
   cp "scenarios/$n.toml" "$work/enum/"
 done
 
-summary() { grep -E '^(FAILED|UNREACHED|  replay|[0-9]+ (runs|crash states) of)' || true; }
+# The lines worth keeping, the copies' paths named as the scenarios'.
+summary() {
+  grep -E '^(FAILED|UNREACHED|  replay|[0-9]+ (runs|crash states) of)' | sed "s|$work/[a-z]*/|scenarios/|g" || true
+}
 status=0
 echo "== sampling: $(ls "$work/sampled" | wc -l) scenarios, $seeds seeds each, $jobs threads"
 "$sim" sweep "$work/sampled" --first-seed 1000 --seeds "$seeds" --jobs "$jobs" --require-probes >"$work/sampled.log" \
@@ -40,6 +43,6 @@ summary <"$work/space.log"
 grep '^space oracle' "$work/space.log" || true
 echo "== crash-state enumeration: $(ls "$work/enum" | wc -l) scenarios, $enum_seeds seeds each"
 "$sim" enumerate "$work/enum" --first-seed 1000 --seeds "$enum_seeds" --bound 64 --jobs "$jobs" >"$work/enum.log" || status=1
-grep -E '^(FAILED|  replay|crash point|mid-|new-file)' "$work/enum.log" || true
+grep -E '^(crash point|mid-|new-file)' "$work/enum.log" || true
 summary <"$work/enum.log"
 exit $status

@@ -17,13 +17,15 @@
 //! dropped, torn after each of its sectors, or scattered (its sectors in
 //! any order, the pattern drawn from the disk stream); per unsynced
 //! truncate, kept or dropped. Up to `bound` states, all are run (an
-//! odometer over the choices). Above it, a stratified sample of `bound`:
-//! everything kept, everything dropped, then, round-robin over the
-//! decisions, each option of each decision with the other decisions drawn
-//! at random (mostly kept or dropped), so that every option of every
-//! decision is run at least once when the bound allows.
+//! odometer over the choices). Above it, a stratified sample of `bound`
+//! distinct states: everything kept, everything dropped (so every
+//! decision's first two options), then, round-robin over the decisions,
+//! each further option (the torn ones) of each decision with the other
+//! decisions drawn at random (mostly kept or dropped), so that every
+//! option of every decision is run at least once when the bound allows;
+//! then states drawn uniformly up to the bound.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -153,7 +155,8 @@ fn next_state(path: &[u64], arities: &[u64]) -> Option<Vec<u64>> {
     None
 }
 
-/// `bound` states stratified over the decisions (see the module doc).
+/// `bound` states stratified over the decisions (see the module doc),
+/// none twice.
 fn stratified(arities: &[u64], bound: u64, seed: u64) -> Vec<Vec<u64>> {
     let mut rng = Stream::new(seed, Concern::Crash);
     let random = |rng: &mut Stream, a: u64| -> u64 {
@@ -163,22 +166,41 @@ fn stratified(arities: &[u64], bound: u64, seed: u64) -> Vec<Vec<u64>> {
             rng.below(a)
         }
     };
-    let mut states = vec![vec![0; arities.len()], arities.iter().map(|&a| a.min(2) - 1).collect()];
+    let all_kept = vec![0; arities.len()];
+    let all_dropped: Vec<u64> = arities.iter().map(|&a| a.min(2) - 1).collect();
+    let mut seen = BTreeSet::from([all_kept.clone(), all_dropped.clone()]);
+    let mut states = vec![all_kept];
+    if seen.len() == 2 {
+        states.push(all_dropped);
+    }
+    let mut add = |states: &mut Vec<Vec<u64>>, s: Vec<u64>| {
+        if states.len() as u64 >= bound || !seen.insert(s.clone()) {
+            return;
+        }
+        states.push(s);
+    };
+    // Options 0 and 1 of every decision are in the first two states: the
+    // round-robin starts at option 2 (the torn ones).
     let widest = arities.iter().copied().max().unwrap_or(0);
-    'fill: for option in 0..widest {
+    for option in 2..widest {
         for (i, &a) in arities.iter().enumerate() {
-            if option >= a {
-                continue;
+            if option < a {
+                let mut s: Vec<u64> = arities.iter().map(|&a| random(&mut rng, a)).collect();
+                s[i] = option;
+                add(&mut states, s);
             }
-            if states.len() as u64 >= bound {
-                break 'fill;
-            }
-            let mut s: Vec<u64> = arities.iter().map(|&a| random(&mut rng, a)).collect();
-            s[i] = option;
-            states.push(s);
         }
     }
-    states.dedup();
+    // Then states drawn uniformly up to the bound (a bounded number of
+    // tries: a draw may repeat a state).
+    for _ in 0..bound.saturating_mul(4) {
+        if states.len() as u64 >= bound {
+            break;
+        }
+        let s = arities.iter().map(|&a| rng.below(a)).collect();
+        add(&mut states, s);
+    }
+    states.truncate(bound.max(1) as usize);
     states
 }
 
@@ -273,8 +295,8 @@ pub struct SweepPlan<'a> {
 
 /// Enumerates `points` at each of `occurrences` for seeds `first..first +
 /// seeds` (or each scenario's own count) of every scenario, on `jobs`
-/// threads; with `stop_at_first_failure`, no enumeration starts after one
-/// failed (those already running finish).
+/// threads, lower seeds first; with `stop_at_first_failure`, no
+/// enumeration starts after one failed (those already running finish).
 ///
 /// # Errors
 /// A scenario cannot be loaded.
@@ -297,6 +319,7 @@ pub fn enumerate_sweep(
             }
         }
     }
+    work.sort_by_key(|(_, _, seed, _, _)| *seed);
     let mut sweep = EnumerationSweep::default();
     let stop = AtomicBool::new(false);
     on_threads(
@@ -362,6 +385,11 @@ mod tests {
         }
         assert!(states.iter().all(|s| s.iter().zip(&arities).all(|(c, a)| c < a)));
         assert_eq!(stratified(&arities, 5, 1).len(), 5);
+        let mut distinct = states.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), states.len(), "no state twice");
+        assert_eq!(states.len(), 100, "filled up to the bound (140 states exist)");
     }
 
     #[test]

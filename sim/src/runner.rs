@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::coverage::{unreached, Family};
 use crate::enumerate::CrashPlan;
 use crate::scenario::Scenario;
-use crate::world::{Outcome, World};
+use crate::world::{panic_message, Outcome, World};
 
 /// Runs `seed` of `scenario`. A panic (in a node or in the simulator) is
 /// the run's failure, not the sweep's end.
@@ -28,12 +28,7 @@ pub fn run_seed_with(scenario: &Scenario, seed: u64, keep_trace: bool, plan: Opt
         }
     }));
     run.unwrap_or_else(|panic| {
-        let message = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown".into());
-        Outcome::panicked(seed, scenario.draw(seed), format!("panicked: {message}"))
+        Outcome::panicked(seed, scenario.draw(seed), format!("panicked: {}", panic_message(panic.as_ref())))
     })
 }
 

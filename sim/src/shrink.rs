@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 
 use crate::runner::run_seed;
 use crate::scenario::{Replay, Scenario};
-use crate::tape::{FaultNote, Source};
+use crate::tape::{FaultNote, Source, NOTES_MAX};
 use crate::world::Outcome;
 
 /// The oracle a failure message comes from (a coarse class: shrinking
@@ -31,6 +31,10 @@ pub fn oracle_of(failure: &str) -> &'static str {
         ("space:", "space"),
         ("cache holds", "cache bound"),
         ("not deterministic", "determinism"),
+        ("honesty", "honesty"),
+        ("cache bound", "cache bound"),
+        ("not pending", "routing"),
+        ("malformed", "well-formed answers"),
         ("exited", "availability"),
         ("did not come up", "availability"),
         ("dropped", "availability"),
@@ -72,6 +76,39 @@ struct Shrinker<'a> {
     runs: u64,
     runs_max: u64,
     log: &'a mut dyn FnMut(&str),
+}
+
+/// Zeller's ddmin: a smallest-found sublist of `items` for which `fails`
+/// holds (given that it holds for all of `items`): try removing each of
+/// `n` chunks (from 2), keep any removal that still fails (and go on with
+/// one chunk fewer), else double `n` until chunks are single items.
+pub fn ddmin<T: Clone>(mut items: Vec<T>, fails: &mut dyn FnMut(&[T]) -> bool) -> Vec<T> {
+    if items.is_empty() || fails(&[]) {
+        return Vec::new();
+    }
+    let mut chunks = 2;
+    while items.len() > 1 {
+        let n = chunks.min(items.len());
+        let size = items.len().div_ceil(n);
+        let mut removed = false;
+        for start in (0..items.len()).step_by(size) {
+            let mut rest = items.clone();
+            rest.drain(start..(start + size).min(items.len()));
+            if fails(&rest) {
+                items = rest;
+                chunks = (n - 1).max(2);
+                removed = true;
+                break;
+            }
+        }
+        if !removed {
+            if n >= items.len() {
+                break;
+            }
+            chunks = (n * 2).min(items.len());
+        }
+    }
+    items
 }
 
 /// The faults a run carried out, by source and number.
@@ -140,37 +177,13 @@ impl Shrinker<'_> {
         }
     }
 
-    /// ddmin: remove chunks of the kept faults, halving the chunks when no
-    /// chunk can go.
+    /// ddmin over the faults carried out.
     fn fewer_faults(&mut self) {
-        let mut chunks = 2;
-        loop {
-            let faults = carried_out(&self.outcome.fault_tape);
-            if faults.is_empty() || self.runs >= self.runs_max {
-                return;
-            }
-            if self.try_candidate(with_faults(&self.best, &[])) {
-                return;
-            }
-            let chunks_now = chunks.min(faults.len());
-            let chunk = faults.len().div_ceil(chunks_now);
-            let mut removed = false;
-            for start in (0..faults.len()).step_by(chunk) {
-                let mut rest = faults.clone();
-                rest.drain(start..(start + chunk).min(faults.len()));
-                if self.try_candidate(with_faults(&self.best, &rest)) {
-                    chunks = (chunks_now - 1).max(2);
-                    removed = true;
-                    break;
-                }
-            }
-            if !removed {
-                if chunks_now >= faults.len() {
-                    return;
-                }
-                chunks = (chunks_now * 2).min(faults.len());
-            }
-        }
+        let faults = carried_out(&self.outcome.fault_tape);
+        ddmin(faults, &mut |rest| {
+            let candidate = with_faults(&self.best, rest);
+            self.try_candidate(candidate)
+        });
     }
 
     /// Each kept fault, last first, replaced by one of the next few faults
@@ -221,6 +234,13 @@ pub fn shrink(
     let Some(failure) = outcome.failure.clone() else {
         return Err(format!("seed {seed} of {} does not fail: nothing to shrink", scenario.name));
     };
+    for source in [Source::Chaos, Source::Disk] {
+        if outcome.fault_tape.iter().filter(|n| n.source == source).count() >= NOTES_MAX {
+            return Err(format!(
+                "seed {seed} decided over {NOTES_MAX} {source:?} faults, more than the tape logs: not shrinkable"
+            ));
+        }
+    }
     let oracle = oracle_of(&failure);
     let start = with_faults(&start, &carried_out(&outcome.fault_tape));
     let before = size(&start, &outcome);
@@ -247,6 +267,19 @@ pub fn shrink(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ddmin_finds_the_two_items_that_matter_and_nothing_else() {
+        let mut tests = 0;
+        let found = ddmin((0..40).collect(), &mut |s: &[u32]| {
+            tests += 1;
+            s.contains(&3) && s.contains(&31)
+        });
+        assert_eq!(found, vec![3, 31]);
+        assert!(tests < 120, "{tests} tests");
+        assert_eq!(ddmin((0..9).collect(), &mut |_: &[u32]| true), Vec::<u32>::new());
+        assert_eq!(ddmin(vec![5], &mut |s: &[u32]| s == [5]), vec![5]);
+    }
 
     #[test]
     fn failures_map_to_their_oracle() {

@@ -446,20 +446,19 @@ impl Inode {
                             apply_write(&mut self.durable, offset, &data, rng);
                         }
                         WriteFate::Dropped => counts.dropped_writes += 1,
-                        WriteFate::TornPrefix(written) => {
-                            // A prefix of its sectors reached the medium.
+                        WriteFate::Torn { written, scattered } => {
                             counts.torn_writes += 1;
                             apply_write(&mut self.durable, offset, &data, rng);
-                            let from = (first + written) * SECTOR_USIZE;
-                            let to = ((last + 1) * SECTOR_USIZE).min(self.durable.len());
-                            rng.fill(&mut self.durable[from..to]);
-                        }
-                        WriteFate::TornScattered => {
+                            if !scattered.unwrap_or_else(|| rng.below(2) != 0) {
+                                // A prefix of its sectors reached the medium.
+                                let from = (first + written) * SECTOR_USIZE;
+                                let to = ((last + 1) * SECTOR_USIZE).min(self.durable.len());
+                                rng.fill(&mut self.durable[from..to]);
+                                continue;
+                            }
                             // Sectors reached the medium in any order: each one
                             // is new or garbage, at least one garbage.
-                            counts.torn_writes += 1;
                             counts.scattered_torn_writes += 1;
-                            apply_write(&mut self.durable, offset, &data, rng);
                             let surely_torn = first + rng.below((last - first + 1) as u64) as usize;
                             for sector in first..=last {
                                 if sector == surely_torn || rng.below(2) == 0 {
@@ -490,11 +489,15 @@ impl Inode {
 enum WriteFate {
     Kept,
     Dropped,
-    /// Its first this many sectors reached the medium (fewer than all),
-    /// the rest of the sectors it touches are garbage.
-    TornPrefix(usize),
-    /// Each sector it touches is new or garbage (at least one garbage).
-    TornScattered,
+    /// Torn: either its first `written` sectors reached the medium (fewer
+    /// than all) and the rest of the sectors it touches are garbage, or
+    /// (`scattered`) each sector it touches is new or garbage, at least one
+    /// garbage. `scattered: None`: a coin of the disk stream decides, after
+    /// the write's gap (if any) is filled, as the random path always drew.
+    Torn {
+        written: usize,
+        scattered: Option<bool>,
+    },
 }
 
 /// Who decides what a power loss keeps: the disk stream (with the
@@ -525,12 +528,7 @@ impl Fates<'_> {
         match self {
             Fates::Random { torn_write } => {
                 if rng.chance(*torn_write) {
-                    let written = rng.below(sectors as u64) as usize;
-                    if rng.below(2) == 0 {
-                        WriteFate::TornPrefix(written)
-                    } else {
-                        WriteFate::TornScattered
-                    }
+                    WriteFate::Torn { written: rng.below(sectors as u64) as usize, scattered: None }
                 } else if rng.below(2) == 0 {
                     WriteFate::Kept
                 } else {
@@ -540,8 +538,8 @@ impl Fates<'_> {
             Fates::Chosen(choose) => match choose(sectors as u64 + 3) as usize {
                 0 => WriteFate::Kept,
                 1 => WriteFate::Dropped,
-                n if n - 2 < sectors => WriteFate::TornPrefix(n - 2),
-                _ => WriteFate::TornScattered,
+                n if n - 2 < sectors => WriteFate::Torn { written: n - 2, scattered: Some(false) },
+                _ => WriteFate::Torn { written: 0, scattered: Some(true) },
             },
         }
     }
@@ -647,9 +645,10 @@ impl SimDisk {
     /// A power loss whose every decision `choose` takes: given the number
     /// of options, the option (0 first). The decisions come in a fixed
     /// order for a given disk state: each directory entry that differs
-    /// from its durable version (2: the new version, the old), then each
-    /// file's unsynced changes in order (a write: `sectors + 3`, see
-    /// [`Fates`]; a truncate: 2, kept or dropped). No bit rot.
+    /// from its durable version (2: the new version, the old), then every
+    /// file's unsynced changes in order, whether or not a name for it
+    /// survived (a write: `sectors + 3`, see [`Fates`]; a truncate: 2,
+    /// kept or dropped). No bit rot.
     pub fn crash_choosing(&mut self, choose: &mut dyn FnMut(u64) -> u64, rng: &mut Stream) {
         let bit_rot = std::mem::take(&mut self.faults.bit_rot);
         self.crash_with(&mut Fates::Chosen(choose), rng);
@@ -702,10 +701,14 @@ impl SimDisk {
         }
         self.current = dir;
         self.durable_dir = self.current.clone();
-        self.collect_inodes();
+        // Every file's changes are decided, whichever version of the
+        // directory survived, so that the decisions (and their number) do
+        // not depend on the directory's: an enumeration's choices keep
+        // their places. Files no name refers to any more are then dropped.
         for inode in self.inodes.values_mut() {
             inode.crash(fates, rng, &mut self.counts);
         }
+        self.collect_inodes();
         if self.faults.bit_rot > 0.0 {
             for (name, ino) in &self.current {
                 let inode = self.inodes.get_mut(ino).expect("named inode");

@@ -2,10 +2,11 @@
 //! world's chaos: crashes, power losses, resets; the disk: EIO, ENOSPC,
 //! short I/O, failed syncs, misdirected writes, bit rot), in the order the
 //! random streams decide it, and logged with its virtual time. A replay
-//! may cut the tape: keep only some numbers. A cut
-//! fault's decision is still drawn, only not carried out, so a stream
-//! shifts at most by the draws that would have shaped the fault (which
-//! component, which bit). This is what shrinking (`shrink.rs`) cuts.
+//! may cut the tape: keep only some numbers. A cut fault's decision is
+//! still drawn, only not carried out; the draws the fault would have led
+//! to (its shape, the restart delay after a crash, a power loss's
+//! outcomes) do not happen, so the streams shift from there. This is what
+//! shrinking (`shrink.rs`) cuts.
 //!
 //! A number names "the k-th fault this source decided", so once a cut
 //! changes what the nodes do, later numbers may name other faults than in

@@ -134,6 +134,15 @@ const LOG_PROBES: &[(&str, &str)] = &[
     ("failed:", "lbs: connection dropped on a disk error"),
 ];
 
+/// The message a panic carried.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 impl Outcome {
     /// The outcome of a run that panicked.
     pub fn panicked(seed: u64, drawn: Drawn, failure: String) -> Outcome {
@@ -422,8 +431,19 @@ impl World {
         }
     }
 
-    /// Runs to the end and reports.
+    /// Runs to the end and reports. A panic (in a node or in the
+    /// simulator) is the run's failure; the report still has the run's
+    /// fault tape, forced crash and probes up to it.
     pub fn run(mut self, seed: u64) -> Outcome {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_events()));
+        if let Err(panic) = ran {
+            self.fail(format!("panicked: {}", panic_message(panic.as_ref())));
+        }
+        self.report(seed)
+    }
+
+    /// The event loop, until the run is verified, ends or fails.
+    fn run_events(&mut self) {
         for p in (0..self.procs.len()).rev() {
             self.try_start(p);
         }
@@ -496,6 +516,10 @@ impl World {
                 }
             }
         }
+    }
+
+    /// The run's outcome.
+    fn report(mut self, seed: u64) -> Outcome {
         let mut probes = std::mem::take(&mut self.probes);
         for p in &self.procs {
             if let Some(disk) = &p.disk {
