@@ -20,6 +20,8 @@ pub enum Concern {
     Crash = 5,
     /// Timer lateness and clock skew.
     Time = 6,
+    /// How long a component stays down.
+    Restart = 7,
 }
 
 /// A random stream for one concern of one seed.

@@ -187,6 +187,9 @@ pub struct World {
     net_rng: Stream,
     disk_rng: Stream,
     crash_rng: Stream,
+    /// Restart delays (apart from the crash stream, so that a crash cut
+    /// by a replay shifts no later chaos).
+    restart_rng: Stream,
     work_rng: Stream,
     /// Faults have stopped (the liveness phase, then the quiet phase).
     faults_off: bool,
@@ -332,6 +335,7 @@ impl World {
             net_rng: Stream::new(seed, Concern::Network),
             disk_rng: Stream::new(seed, Concern::Disk),
             crash_rng: Stream::new(seed, Concern::Crash),
+            restart_rng: Stream::new(seed, Concern::Restart),
             work_rng,
             faults_off: false,
             liveness_since: None,
@@ -1006,29 +1010,41 @@ impl World {
             return;
         }
         self.chaos_tape.now_ns = self.now();
+        // The crash stream draws the same values every tick, whatever is up
+        // (a victim is picked among those alive by the same draw): so a
+        // fault cut by a replay moves no other chaos fault in time.
+        let crash = self.crash_rng.chance(self.drawn.crash_per_ms);
+        let (victim_draw, power_draw) = if crash {
+            (self.crash_rng.u64(), self.crash_rng.chance(self.drawn.power_loss))
+        } else {
+            (0, false)
+        };
+        // Every decision is numbered on the tape, whether or not anything
+        // is up to suffer it, so that the numbers do not depend on the
+        // state either.
         let alive: Vec<usize> = (0..self.procs.len()).filter(|p| self.procs[*p].node.is_some()).collect();
-        if !alive.is_empty() && self.crash_rng.chance(self.drawn.crash_per_ms) {
-            let victim = if alive.len() == 1 {
-                alive[0]
-            } else {
-                alive[self.crash_rng.below(alive.len() as u64) as usize]
-            };
+        if crash {
+            let victim = (!alive.is_empty()).then(|| alive[(victim_draw % alive.len() as u64) as usize]);
             // A process crash keeps the page cache; a power loss takes the
             // machine of the component that owns the disk.
-            let power = self.procs[victim].disk.is_some() && self.crash_rng.chance(self.drawn.power_loss);
-            if self.chaos_tape.admit(if power { "power loss" } else { "crash" }) {
+            let power = victim.is_some_and(|v| self.procs[v].disk.is_some()) && power_draw;
+            let what = match victim {
+                None => "crash (nothing up)",
+                Some(_) if power => "power loss",
+                Some(_) => "crash",
+            };
+            if let (true, Some(victim)) = (self.chaos_tape.admit(what), victim) {
                 self.crash(victim, power);
             }
         }
+        let reset = self.crash_rng.chance(self.drawn.reset_per_ms);
+        let slot_draw = if reset { self.crash_rng.u64() } else { 0 };
         let connected: Vec<usize> =
             (0..self.client_links.len()).filter(|s| self.client_links[*s].is_some()).collect();
-        if !connected.is_empty() && self.crash_rng.chance(self.drawn.reset_per_ms) {
-            let slot = if connected.len() == 1 {
-                connected[0]
-            } else {
-                connected[self.crash_rng.below(connected.len() as u64) as usize]
-            };
-            if self.chaos_tape.admit("connection reset") {
+        if reset {
+            let slot = (!connected.is_empty()).then(|| connected[(slot_draw % connected.len() as u64) as usize]);
+            let what = if slot.is_some() { "connection reset" } else { "connection reset (none connected)" };
+            if let (true, Some(slot)) = (self.chaos_tape.admit(what), slot) {
                 self.resets += 1;
                 self.disconnect_client(slot, ConnClosed::Failed("connection reset".into()));
             }
@@ -1118,7 +1134,7 @@ impl World {
         pr.want_start = false;
         if !pr.restart_pending {
             pr.restart_pending = true;
-            let delay = self.crash_rng.range(MS, 20 * MS);
+            let delay = self.restart_rng.range(MS, 20 * MS);
             self.q.after(delay, Ev::Restart { proc: p });
         }
     }
