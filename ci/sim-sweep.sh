@@ -37,6 +37,8 @@ echo "== sampling: $(ls "$work/sampled" | wc -l) scenarios, $seeds seeds each, $
 "$sim" sweep "$work/sampled" --first-seed 1000 --seeds "$seeds" --jobs "$jobs" --require-probes >"$work/sampled.log" \
   || status=1
 summary <"$work/sampled.log"
+echo "-- probes reached (summed over the sampled sweep):"
+sed -n '/^coverage probes/,/^[^ ]/p' "$work/sampled.log" | grep '^  ' || true
 echo "== the space oracle: $(ls "$work/space" | wc -l) scenarios, their own seeds"
 "$sim" sweep "$work/space" --jobs "$jobs" --require-probes >"$work/space.log" || status=1
 summary <"$work/space.log"
