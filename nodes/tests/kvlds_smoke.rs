@@ -478,11 +478,10 @@ fn review_finding_unsent_bound_counts_answers_of_the_same_input() {
     );
 }
 
-/// Found by review: a read of a client that closed stays in its page load's
-/// `readers`; the FREE after a later commit may drop the block, and the
-/// absent answer is then taken as "part of the tree but missing": exit.
-#[test]
-fn review_finding_forgotten_reader_does_not_make_a_freed_block_fatal() {
+/// A store of 512-byte blocks and a one-page cache holding six keys in two
+/// leaves under a root (the last block written); returns the keys and the
+/// root's block.
+fn two_leaves_and_a_root() -> (Harness, Vec<Bytes>, u64) {
     let cfg = KvldsConfig { cache_pages_max: Some(1), check_invariants: true, ..Default::default() };
     let mut h = Harness::new(512, cfg);
     let v = Bytes::from(vec![b'x'; 94]);
@@ -491,6 +490,15 @@ fn review_finding_forgotten_reader_does_not_make_a_freed_block_fatal() {
         keys.iter().map(|key| KvldsRequest::Set { key: key.clone(), value: v.clone() }).collect();
     h.call(&reqs);
     let root = h.lbs.next_block - 1; // two leaves just below it
+    (h, keys, root)
+}
+
+/// Found by review: a read of a client that closed stays in its page load's
+/// `readers`; the FREE after a later commit may drop the block, and the
+/// absent answer is then taken as "part of the tree but missing": exit.
+#[test]
+fn review_finding_forgotten_reader_does_not_make_a_freed_block_fatal() {
+    let (mut h, keys, root) = two_leaves_and_a_root();
     h.restart(); // cache: the root only
     h.auto_sync = false;
     send(&mut h, &[(1, KvldsRequest::Set { key: keys[0].clone(), value: k("new") })]);
@@ -525,14 +533,7 @@ fn review_finding_forgotten_reader_does_not_make_a_freed_block_fatal() {
 /// that waited across the commit finishes on the old root.
 #[test]
 fn probes_count_what_happens_while_a_commit_is_in_flight() {
-    let cfg = KvldsConfig { cache_pages_max: Some(1), check_invariants: true, ..Default::default() };
-    let mut h = Harness::new(512, cfg);
-    let v = Bytes::from(vec![b'x'; 94]);
-    let keys: Vec<Bytes> = (0..6).map(|i| k(&format!("k{i:03}"))).collect();
-    let reqs: Vec<_> =
-        keys.iter().map(|key| KvldsRequest::Set { key: key.clone(), value: v.clone() }).collect();
-    h.call(&reqs);
-    let root = h.lbs.next_block - 1; // two leaves just below it
+    let (mut h, keys, root) = two_leaves_and_a_root();
     let right_leaf = root - 1;
     h.restart(); // cache: the root only
     h.auto_sync = false;
@@ -560,7 +561,7 @@ fn probes_count_what_happens_while_a_commit_is_in_flight() {
     h.settle();
     let answer =
         KvldsResponse::decode(kivaloo::kvlds_proto::KvldsRequestKind::Get, h.responses.remove(&2).unwrap());
-    assert_eq!(answer.unwrap(), KvldsResponse::Get(Some(v)));
+    assert_eq!(answer.unwrap(), KvldsResponse::Get(Some(Bytes::from(vec![b'x'; 94]))));
     assert_eq!(h.kvlds.probes().reads_finished_on_old_root, 1);
 }
 
