@@ -14,9 +14,9 @@
 //!
 //! The legal states are the product of the options: per directory entry
 //! not yet synced, the new or the old version; per unsynced write, kept,
-//! dropped, torn after each of its sectors, or scattered (its sectors in
-//! any order, the pattern drawn from the disk stream); per unsynced
-//! truncate, kept or dropped. Up to `bound` states, all are run (an
+//! dropped, torn after each of its sectors, every sector but one (for
+//! each sector: sectors reach the medium in any order), or scattered (a subset
+//! drawn from the disk stream); per unsynced truncate, kept or dropped. Up to `bound` states, all are run (an
 //! odometer over the choices). Above it, a stratified sample of `bound`
 //! distinct states: everything kept, everything dropped (so every
 //! decision's first two options), then, round-robin over the decisions,

@@ -446,6 +446,15 @@ impl Inode {
                             apply_write(&mut self.durable, offset, &data, rng);
                         }
                         WriteFate::Dropped => counts.dropped_writes += 1,
+                        WriteFate::Hole(k) => {
+                            // Every sector but one reached the medium.
+                            counts.torn_writes += 1;
+                            counts.scattered_torn_writes += 1;
+                            apply_write(&mut self.durable, offset, &data, rng);
+                            let from = (first + k) * SECTOR_USIZE;
+                            let to = (from + SECTOR_USIZE).min(self.durable.len());
+                            rng.fill(&mut self.durable[from..to]);
+                        }
                         WriteFate::Torn { written, scattered } => {
                             counts.torn_writes += 1;
                             apply_write(&mut self.durable, offset, &data, rng);
@@ -498,6 +507,10 @@ enum WriteFate {
         written: usize,
         scattered: Option<bool>,
     },
+    /// Every sector it touches reached the medium but this one (counted
+    /// from its first), which is garbage: sectors in any order, one
+    /// missing (enumeration only; sampling draws scattered patterns).
+    Hole(usize),
 }
 
 /// Who decides what a power loss keeps: the disk stream (with the
@@ -522,8 +535,10 @@ impl Fates<'_> {
     }
 
     /// The fate of a write touching `sectors` sectors. Enumerated, its
-    /// options are: kept, dropped, torn after 0..sectors-1 sectors, and
-    /// scattered (whose pattern the disk stream draws): `sectors + 3`.
+    /// options are: kept, dropped, torn after 0..sectors-1 sectors, every
+    /// sector but one for each sector but the last (a hole in the last is
+    /// torn after sectors-1), and scattered (whose pattern the disk stream
+    /// draws): `2 * sectors + 2`.
     fn write(&mut self, sectors: usize, rng: &mut Stream) -> WriteFate {
         match self {
             Fates::Random { torn_write } => {
@@ -535,10 +550,11 @@ impl Fates<'_> {
                     WriteFate::Dropped
                 }
             }
-            Fates::Chosen(choose) => match choose(sectors as u64 + 3) as usize {
+            Fates::Chosen(choose) => match choose(2 * sectors as u64 + 2) as usize {
                 0 => WriteFate::Kept,
                 1 => WriteFate::Dropped,
                 n if n - 2 < sectors => WriteFate::Torn { written: n - 2, scattered: Some(false) },
+                n if n - 2 - sectors < sectors - 1 => WriteFate::Hole(n - 2 - sectors),
                 _ => WriteFate::Torn { written: 0, scattered: Some(true) },
             },
         }
@@ -647,7 +663,7 @@ impl SimDisk {
     /// order for a given disk state: each directory entry that differs
     /// from its durable version (2: the new version, the old), then every
     /// file's unsynced changes in order, whether or not a name for it
-    /// survived (a write: `sectors + 3`, see [`Fates`]; a truncate: 2,
+    /// survived (a write: `2 * sectors + 2`, see [`Fates`]; a truncate: 2,
     /// kept or dropped). No bit rot.
     pub fn crash_choosing(&mut self, choose: &mut dyn FnMut(u64) -> u64, rng: &mut Stream) {
         let bit_rot = std::mem::take(&mut self.faults.bit_rot);
@@ -1108,6 +1124,75 @@ mod tests {
             }
         }
         assert!(kept > 0 && dropped > 0 && torn > 0, "kept {kept}, dropped {dropped}, torn {torn}");
+    }
+
+    #[test]
+    fn an_enumerated_crash_takes_each_legal_state_of_a_write_once() {
+        const N: usize = 4;
+        let (old, new) = (pattern(N * 512, 7), pattern(N * 512, 100));
+        let mut seen = Vec::new();
+        for option in 0..(2 * N as u64 + 2) {
+            let mut r = rng(option);
+            let mut d = SimDisk::new(DiskFaults::default());
+            durable_file(&mut d, &mut r, "f", &old);
+            write(&mut d, &mut r, "f", 0, &new);
+            let mut arities = Vec::new();
+            d.crash_choosing(
+                &mut |n| {
+                    arities.push(n);
+                    option
+                },
+                &mut r,
+            );
+            assert_eq!(arities, vec![2 * N as u64 + 2], "one decision: the write's");
+            let after = contents(&mut d, &mut r, "f");
+            let sectors: String = (0..N)
+                .map(|s| {
+                    let got = &after[s * 512..(s + 1) * 512];
+                    if got == &new[s * 512..(s + 1) * 512] {
+                        'n'
+                    } else if got == &old[s * 512..(s + 1) * 512] {
+                        'o'
+                    } else {
+                        'g'
+                    }
+                })
+                .collect();
+            seen.push(sectors);
+        }
+        let expected = [
+            "nnnn", "oooo", // kept, dropped
+            "gggg", "nggg", "nngg", "nnng", // torn after 0..3 sectors
+            "gnnn", "ngnn", "nngn", // one sector missing (the last: torn after 3)
+        ];
+        assert_eq!(&seen[..9], &expected[..]);
+        let scattered = &seen[9];
+        assert!(scattered.contains('g') && !scattered.contains('o'), "scattered: {scattered}");
+    }
+
+    #[test]
+    fn an_unsynced_directory_entry_is_one_decision_of_two_options() {
+        for option in 0..2 {
+            let mut r = rng(option);
+            let mut d = SimDisk::new(DiskFaults::default());
+            open(&mut d, &mut r, "new");
+            write(&mut d, &mut r, "new", 0, &pattern(512, 1));
+            sync(&mut d, &mut r, "new").unwrap();
+            let mut arities = Vec::new();
+            d.crash_choosing(
+                &mut |n| {
+                    arities.push(n);
+                    option
+                },
+                &mut r,
+            );
+            assert_eq!(arities, vec![2], "the entry; the file's data was synced");
+            assert_eq!(
+                d.names().len(),
+                1 - option as usize,
+                "option 0 keeps the new entry, 1 the old (none)"
+            );
+        }
     }
 
     #[test]

@@ -1042,7 +1042,8 @@ impl World {
         let connected: Vec<usize> =
             (0..self.client_links.len()).filter(|s| self.client_links[*s].is_some()).collect();
         if reset {
-            let slot = (!connected.is_empty()).then(|| connected[(slot_draw % connected.len() as u64) as usize]);
+            let slot =
+                (!connected.is_empty()).then(|| connected[(slot_draw % connected.len() as u64) as usize]);
             let what = if slot.is_some() { "connection reset" } else { "connection reset (none connected)" };
             if let (true, Some(slot)) = (self.chaos_tape.admit(what), slot) {
                 self.resets += 1;
