@@ -534,6 +534,44 @@ fn damage_in_an_acked_batch_before_a_torn_later_one_refuses_to_start() {
 }
 
 #[test]
+fn a_misdirected_batch_over_older_acked_batches_refuses_to_start() {
+    // Simulator seed 36 of lbs-everything.toml: the device reports the
+    // write of batch 4..7 done but puts it one sector into the file, over
+    // the records of the acknowledged batches 0..2, 2..3 and 3..4. Every
+    // slot then reads as garbage, as after a torn write; cutting them would
+    // silently lose four acknowledged blocks.
+    let mut h = Harness::fresh();
+    let c = h.connect();
+    for (s, n) in [(0, 2), (2, 1), (3, 1)] {
+        assert_eq!(h.append(c, s, n), LbsResponse::Append(Some(s + n as u64)));
+    }
+    h.hold = true;
+    let id = h.send(c, &append_req(4, 3));
+    let (op_id, op) = h.held.pop_front().expect("the batch's write");
+    let DiskOp::Write { name, offset, data } = op else { panic!("not a write: {op:?}") };
+    assert_eq!(offset as usize, offset_of(0, 4));
+    let landed = DiskOp::Write { name, offset: FILE_HEADER_LEN + 512, data: data.clone() };
+    assert!(h.disk.execute(&landed).is_ok());
+    let result = Ok(DiskDone::Written { len_bytes: data.len() as u64 });
+    h.node.handle_input(h.now, Input::Disk { id: op_id, result });
+    h.drain();
+    h.hold = false;
+    h.run();
+    assert_eq!(h.resp(c, id), Some(&LbsResponse::Append(Some(7))));
+    assert_eq!(h.disk.file(&file_name(0)).unwrap().data.len(), offset_of(0, 4));
+
+    let h = Harness::new(LbsConfig::new(BS), h.disk.crash());
+    let exit = h.exit_reason();
+    assert!(exit.failure);
+    assert!(
+        exit.message.contains("refusing to start") && exit.message.contains("misdirected"),
+        "{}",
+        exit.message
+    );
+    assert_eq!(h.count_issued("truncate"), 0, "cut acknowledged data");
+}
+
+#[test]
 fn reopening_with_another_block_size_exits_naming_both() {
     let h = Harness::fresh();
     let h = Harness::new(LbsConfig::new(1024), h.disk.crash());

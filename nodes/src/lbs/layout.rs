@@ -67,7 +67,8 @@ pub const BLOCK_SIZE_MAX: u32 = 131_072;
 const FILE_MAGIC: &[u8; 8] = b"kvlbs\0\0\x02";
 /// Bytes of the header that carry something (the rest is zero).
 const HEADER_USED_LEN: usize = 64;
-const RECORD_MAGIC: &[u8; 4] = b"LBSR";
+/// The first bytes of every record's trailer.
+pub const RECORD_MAGIC: &[u8; 4] = b"LBSR";
 const FILE_NAME_PREFIX: &str = "blocks-";
 
 /// The name of the file whose first block is `first_block`.

@@ -11,12 +11,17 @@
 //!    every valid record in it must belong to that one batch (start at the
 //!    durable end). Anything else means synced, acknowledged data was
 //!    damaged, and recovery refuses rather than silently drop it.
+//! 3. No valid record of a batch starting past the durable end lies
+//!    anywhere in the region, even off its own place (a misdirected write):
+//!    that batch was written only after everything before it was synced.
 //!
 //! Limitation (stated, not hidden): bit rot that destroys records of the
 //! newest acknowledged batch only, with nothing written after it, looks
 //! exactly like a torn write and is rolled back.
 
-use super::layout::{check_record, record_len, BatchPlace};
+use super::layout::{
+    check_record, record_len, BatchPlace, FILE_HEADER_LEN, RECORD_MAGIC, RECORD_TRAILER_LEN, SECTOR_LEN,
+};
 
 /// What recovery found in the newest file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,7 +129,57 @@ pub fn find_durable_end(region: &TailRegion, bytes: &[u8]) -> Result<TailVerdict
             }
         }
     }
+    // 3. No record of a later batch anywhere in the region, at any sector.
+    if let Some((off, block, place)) = stray_record_past(region, bytes, durable_end) {
+        let at = FILE_HEADER_LEN + (first - region.file_first_block) * rec_len as u64 + off as u64;
+        return Err(format!(
+            "a record of block {block} (of a batch starting at {}) lies at offset {at}, not at its own \
+             place: a misdirected write of a batch written after blocks {durable_end}..{} were synced, \
+             so acknowledged data was damaged",
+            place.batch_start, place.batch_start
+        ));
+    }
     Ok(TailVerdict { durable_end, newest_batch_start: newest.map(|p| p.batch_start), torn_records })
+}
+
+/// A valid record, at any sector offset of `bytes`, of a batch that starts
+/// past `durable_end`: its offset in `bytes`, its block and batch place.
+///
+/// lbs writes records only at their own places, and a batch only after
+/// every block before it was synced (with `-L`: written). So such a record
+/// can only be a misdirected write (the device reported success but put
+/// the bytes at another offset), and it proves that the blocks from
+/// `durable_end` to its batch were synced, hence acknowledged. Step 2
+/// alone cannot see this when the misdirected batch landed over the newest
+/// records of the file, sector-shifted: every slot then reads as garbage,
+/// exactly like a torn write, and cutting them would silently drop several
+/// acknowledged batches (simulator seed 36 of `lbs-everything.toml`).
+///
+/// The scan looks at a few bytes per sector; only a trailer with the magic,
+/// this block size and a later block number has its checksum computed.
+fn stray_record_past(
+    region: &TailRegion,
+    bytes: &[u8],
+    durable_end: u64,
+) -> Option<(usize, u64, BatchPlace)> {
+    let rec_len = record_len(region.block_size) as usize;
+    let bs = region.block_size as usize;
+    let bs_be = region.block_size.to_be_bytes();
+    let mut off = 0;
+    while off + rec_len <= bytes.len() {
+        let t = &bytes[off + bs..off + bs + RECORD_TRAILER_LEN as usize];
+        let block = u64::from_be_bytes(t[4..12].try_into().expect("8 bytes"));
+        let plausible = t[0..4] == *RECORD_MAGIC && block > durable_end && t[24..28] == bs_be;
+        if plausible {
+            if let Ok(place) = check_record(&bytes[off..off + rec_len], region.block_size, block) {
+                if place.batch_start > durable_end {
+                    return Some((off, block, place));
+                }
+            }
+        }
+        off += SECTOR_LEN as usize;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -227,6 +282,36 @@ mod tests {
         corrupt(&mut f, 1);
         corrupt(&mut f, 5);
         assert!(find_durable_end(&region(), &f).unwrap_err().contains("more than one write batch"));
+    }
+
+    #[test]
+    fn a_later_batch_misdirected_over_the_tail_is_refused() {
+        // Acked batches (0,2), (2,1), (3,1); batch (4,3) written one sector
+        // into the file instead of at block 4: every slot is garbage, as if
+        // torn, but the stray records prove that 0..4 were synced.
+        let mut f = file(&[(0, 2), (2, 1), (3, 1)]);
+        let stray = file(&[(4, 3)]);
+        f[512..512 + stray.len()].copy_from_slice(&stray);
+        let err = find_durable_end(&region(), &f).unwrap_err();
+        assert!(err.contains("record of block 4") && err.contains("misdirected"), "{err}");
+        // Landed on slot boundaries it counts too (there check_record sees
+        // only a wrong block number): (1,4) looks torn, but (5,3) was written.
+        let mut g = file(&[(0, 1), (1, 4)]);
+        let stray = file(&[(5, 3)]);
+        let at = 2 * record_len(BS) as usize;
+        g[at..at + stray.len()].copy_from_slice(&stray);
+        let err = find_durable_end(&region(), &g).unwrap_err();
+        assert!(err.contains("record of block 5"), "{err}");
+        // A stray of the batch at the durable end proves nothing cut was
+        // synced: that newest batch itself went astray (GET reports the
+        // records it landed on).
+        let mut h = file(&[(0, 2), (2, 1)]);
+        let stray = file(&[(3, 1)]);
+        h[512..512 + stray.len()].copy_from_slice(&stray);
+        assert_eq!(
+            find_durable_end(&region(), &h),
+            Ok(TailVerdict { durable_end: 3, newest_batch_start: Some(2), torn_records: 0 })
+        );
     }
 
     #[test]
