@@ -525,13 +525,19 @@ impl KvldsClient {
     }
 
     /// When the oldest request still waiting for its answer was sent.
+    ///
+    /// A slot's pending requests all belong to its current connection (a
+    /// disconnection takes them), whose IDs grow with the time they are
+    /// sent: the first one with a time is the slot's oldest. (The run loop
+    /// asks after every event: this is one of the simulator's hot paths.)
     pub fn oldest_pending_ns(&self) -> Option<u64> {
         self.slots
             .iter()
-            .flat_map(|s| s.pending.values())
-            .filter_map(|p| match p {
-                Pending::Call { invoked_ns, .. } | Pending::Range { invoked_ns, .. } => Some(*invoked_ns),
-                Pending::Params => None,
+            .filter_map(|s| {
+                s.pending.values().find_map(|p| match p {
+                    Pending::Call { invoked_ns, .. } | Pending::Range { invoked_ns, .. } => Some(*invoked_ns),
+                    Pending::Params => None,
+                })
             })
             .min()
     }

@@ -15,39 +15,33 @@ pub const MS: u64 = 1_000_000;
 /// One second of virtual time.
 pub const SEC: u64 = 1_000_000_000;
 
-struct Entry<E> {
+/// The heap holds only the ordering key and where the event waits, so that
+/// sifting moves 24 bytes, not an event (the run loop's hottest path).
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
     at: Instant,
     seq: u64,
-    event: E,
+    slot: u32,
 }
 
-impl<E> PartialEq for Entry<E> {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl<E> Eq for Entry<E> {}
-impl<E> PartialOrd for Entry<E> {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl<E> Ord for Entry<E> {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
-}
-
-/// The clock and the pending events.
 pub struct EventQueue<E> {
     now: Instant,
     seq: u64,
-    heap: BinaryHeap<Reverse<Entry<E>>>,
+    heap: BinaryHeap<Reverse<Key>>,
+    /// Events by slot; `free` lists the empty slots.
+    slots: Vec<Option<E>>,
+    free: Vec<u32>,
 }
 
 impl<E> Default for EventQueue<E> {
     fn default() -> Self {
-        EventQueue { now: Instant::from_nanos(0), seq: 0, heap: BinaryHeap::new() }
+        EventQueue {
+            now: Instant::from_nanos(0),
+            seq: 0,
+            heap: BinaryHeap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+        }
     }
 }
 
@@ -67,14 +61,26 @@ impl<E> EventQueue<E> {
     pub fn at(&mut self, at: Instant, event: E) {
         let at = at.max(self.now);
         self.seq += 1;
-        self.heap.push(Reverse(Entry { at, seq: self.seq, event }));
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(event);
+                slot
+            }
+            None => {
+                self.slots.push(Some(event));
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 events pending")
+            }
+        };
+        self.heap.push(Reverse(Key { at, seq: self.seq, slot }));
     }
 
-    /// Takes the next event, advancing the clock to it.
+    /// Takes the next event (time order, ties in scheduling order),
+    /// advancing the clock to it.
     pub fn pop(&mut self) -> Option<E> {
-        let Reverse(entry) = self.heap.pop()?;
-        self.now = entry.at;
-        Some(entry.event)
+        let Reverse(key) = self.heap.pop()?;
+        self.now = key.at;
+        self.free.push(key.slot);
+        self.slots[key.slot as usize].take()
     }
 
     /// Events still pending.
