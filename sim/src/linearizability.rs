@@ -327,13 +327,14 @@ fn validate(
         }
     }
 
-    // (conn, seq, invoked_ns, label, key)
-    let mut sent: Vec<(u64, u64, u64, String, &Bytes)> = Vec::new();
+    // (conn, seq, invoked_ns, label, key); labels are formatted only for
+    // a violation (this runs for every call).
+    let mut sent: Vec<(u64, u64, u64, SentLabel, &Bytes)> = Vec::new();
     for (index, call) in history.calls.iter().enumerate() {
-        sent.push((call.conn, call.seq, call.invoked_ns, format!("calls[{index}]"), &call.key));
+        sent.push((call.conn, call.seq, call.invoked_ns, SentLabel::Call(index), &call.key));
     }
     for (index, range) in history.ranges.iter().enumerate() {
-        sent.push((range.conn, range.seq, range.invoked_ns, format!("ranges[{index}]"), &range.start));
+        sent.push((range.conn, range.seq, range.invoked_ns, SentLabel::Range(index), &range.start));
     }
     for (conn, _, invoked_ns, label, key) in &sent {
         if let Some(end_ns) = effects_end_ns.get(conn).filter(|&&end_ns| end_ns < *invoked_ns) {
@@ -375,34 +376,40 @@ fn validate(
         .map(|c| &c.key)
         .collect();
     for (index, range) in history.ranges.iter().enumerate() {
-        let what = format!(
-            "ranges[{index}] (conn {} seq {}, RANGE [{}, {}) answered with next {})",
-            range.conn,
-            range.seq,
-            show_bytes(&range.start),
-            show_bound(&range.end),
-            show_bound(&range.next)
-        );
+        // Formatted only for a violation: this runs for every RANGE.
+        let what = || {
+            format!(
+                "ranges[{index}] (conn {} seq {}, RANGE [{}, {}) answered with next {})",
+                range.conn,
+                range.seq,
+                show_bytes(&range.start),
+                show_bound(&range.end),
+                show_bound(&range.next)
+            )
+        };
         if range.completed_ns < range.invoked_ns {
-            return Err(malformed(&range.start, format!("{what} was answered before it was sent")));
+            return Err(malformed(&range.start, format!("{} was answered before it was sent", what())));
         }
         for (position, (key, _)) in range.pairs.iter().enumerate() {
             let explanation = if position > 0 && range.pairs[position - 1].0 >= *key {
                 format!(
-                    "{what} returned {} after {}: pairs must be strictly increasing",
+                    "{} returned {} after {}: pairs must be strictly increasing",
+                    what(),
                     show_bytes(key),
                     show_bytes(&range.pairs[position - 1].0)
                 )
             } else if *key < range.start || (!range.end.is_empty() && *key >= range.end) {
-                format!("{what} returned {}, outside [start, end)", show_bytes(key))
+                format!("{} returned {}, outside [start, end)", what(), show_bytes(key))
             } else if !range.next.is_empty() && *key >= range.next {
                 format!(
-                    "{what} returned {}, at or past next: the answer claims to cover only keys below next",
+                    "{} returned {}, at or past next: the answer claims to cover only keys below next",
+                    what(),
                     show_bytes(key)
                 )
             } else if !written.contains(key) && !initial.contains_key(key) {
                 format!(
-                    "{what} returned {}, which no call ever wrote and the initial map does not hold",
+                    "{} returned {}, which no call ever wrote and the initial map does not hold",
+                    what(),
                     show_bytes(key)
                 )
             } else {
@@ -412,6 +419,22 @@ fn validate(
         }
     }
     Ok(())
+}
+
+/// A call or RANGE of a history, by its place, as a violation names it.
+#[derive(Debug, Clone, Copy)]
+enum SentLabel {
+    Call(usize),
+    Range(usize),
+}
+
+impl fmt::Display for SentLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SentLabel::Call(i) => write!(f, "calls[{i}]"),
+            SentLabel::Range(i) => write!(f, "ranges[{i}]"),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
