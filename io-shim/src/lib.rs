@@ -3,6 +3,7 @@
 //! on it. See `DESIGN.md` in this crate for one line per module.
 
 pub mod addr;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod conn;

@@ -1,6 +1,7 @@
 //! `kivaloo`: the command line. `kivaloo serve` runs the whole store (lbs,
-//! kvlds and mux) in one process; the other subcommands are a client for
-//! people and scripts.
+//! kvlds and mux) in one process; `kivaloo bench` runs kivaloo's benchmarks
+//! against a store; the other subcommands are a client for people and
+//! scripts.
 
 use std::path::PathBuf;
 
@@ -26,6 +27,12 @@ struct Cli {
 enum Command {
     /// Run the store (lbs, kvlds and mux in one process) until Ctrl-C.
     Serve(ServeArgs),
+    /// Run one of kivaloo's benchmarks against a store.
+    ///
+    /// bulk-insert fills an empty store with the pairs; the other workloads expect the store to
+    /// hold them already (run bulk-insert with the same --pairs first). Prints the result on
+    /// stdout, the progress on stderr.
+    Bench(kivaloo_io_shim::bench::BenchArgs),
     #[command(flatten)]
     Client(kivaloo_io_shim::cli::ClientCommand),
 }
@@ -111,6 +118,7 @@ fn main() {
     let cli = Cli::parse();
     let status = match cli.command {
         Command::Serve(args) => run_serve(args),
+        Command::Bench(args) => kivaloo_io_shim::bench::run(&args),
         Command::Client(cmd) => kivaloo_io_shim::cli::run(cmd),
     };
     std::process::exit(status);
