@@ -5,21 +5,18 @@
 //! of a panic.
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use kivaloo::kvlds_proto::{KvldsRequest, KvldsResponse};
 use kivaloo::packet::PacketDecoder;
-use kivaloo_io_shim::addr::SocketAddr;
 use kivaloo_io_shim::bench::{make_key, make_value, Pairs, GROUP_LEN};
-use kivaloo_io_shim::client::Client;
-use kivaloo_io_shim::runtime::build_runtime;
 
-const KIVALOO: &str = env!("CARGO_BIN_EXE_kivaloo");
+mod common;
+use common::{Store, KIVALOO};
 
 fn to_hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -89,62 +86,6 @@ fn pairs_come_in_key_order() {
     }
 }
 
-/// A `kivaloo serve` of `<dir>/data` on `<dir>/kv.sock`; killed when
-/// dropped.
-struct Store {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Store {
-    fn start(dir: &Path) -> Store {
-        let socket = dir.join("kv.sock");
-        let child = Command::new(KIVALOO)
-            .arg("serve")
-            .arg("--data")
-            .arg(dir.join("data"))
-            .arg("--listen")
-            .arg(&socket)
-            .arg("--block-size")
-            .arg("2048")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut store = Store { child, socket };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&store.socket).is_err() {
-            if let Some(status) = store.child.try_wait().unwrap() {
-                panic!("kivaloo serve exited with {status}");
-            }
-            assert!(Instant::now() < deadline, "kivaloo serve does not listen after 10 s");
-            thread::sleep(Duration::from_millis(20));
-        }
-        store
-    }
-
-    fn socket(&self) -> &str {
-        self.socket.to_str().unwrap()
-    }
-
-    /// Every pair, with RANGE.
-    fn pairs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        build_runtime().unwrap().block_on(async {
-            let client = Client::connect(&SocketAddr::parse(self.socket())).await.unwrap();
-            let pairs = client.range_iter("", "").unwrap().collect_all().await.unwrap();
-            pairs.into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
-        })
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// How a command ended.
 #[derive(Debug)]
 struct Out {
@@ -190,7 +131,7 @@ fn assert_result_line(out: &Out, workload: &str, unit: &str) {
 #[test]
 fn every_workload_runs_against_kivaloo_serve() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::start(dir.path());
+    let store = Store::start(dir.path(), &["--block-size", "2048"]);
     let socket = store.socket();
     let n = GROUP_LEN;
     let pairs_arg = n.to_string();

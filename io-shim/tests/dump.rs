@@ -22,72 +22,18 @@ use kivaloo_io_shim::client::{Client, RANGE_MAX_BYTES};
 use kivaloo_io_shim::dump::{DumpReader, DumpWriter, CHUNK_HEADER_LEN, TRAILER_LEN};
 use kivaloo_io_shim::runtime::build_runtime;
 
-const KIVALOO: &str = env!("CARGO_BIN_EXE_kivaloo");
+mod common;
+use common::{Store, KIVALOO};
 
-/// A `kivaloo serve` of `<dir>/data` on `<dir>/kv.sock`, in the
-/// foreground; killed when dropped.
-struct Store {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Store {
-    /// Starts it and waits until it accepts connections.
-    fn start(dir: &Path) -> Store {
-        let socket = dir.join("kv.sock");
-        let child = Command::new(KIVALOO)
-            .arg("serve")
-            .arg("--data")
-            .arg(dir.join("data"))
-            .arg("--listen")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut store = Store { child, socket };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&store.socket).is_err() {
-            if let Some(status) = store.child.try_wait().unwrap() {
-                panic!("kivaloo serve exited with {status}");
-            }
-            assert!(Instant::now() < deadline, "kivaloo serve does not listen after 10 s");
-            thread::sleep(Duration::from_millis(20));
+/// SETs every pair, pipelined, with the library.
+fn set_all(store: &Store, pairs: &[(Vec<u8>, Vec<u8>)]) {
+    build_runtime().unwrap().block_on(async {
+        let client = Client::connect(&SocketAddr::parse(store.socket())).await.unwrap();
+        let sets = pairs.iter().map(|(k, v)| client.set(k, v));
+        for r in futures::future::join_all(sets).await {
+            r.unwrap();
         }
-        store
-    }
-
-    fn socket(&self) -> &str {
-        self.socket.to_str().unwrap()
-    }
-
-    /// SETs every pair, pipelined, with the library.
-    fn set_all(&self, pairs: &[(Vec<u8>, Vec<u8>)]) {
-        build_runtime().unwrap().block_on(async {
-            let client = Client::connect(&SocketAddr::parse(self.socket())).await.unwrap();
-            let sets = pairs.iter().map(|(k, v)| client.set(k, v));
-            for r in futures::future::join_all(sets).await {
-                r.unwrap();
-            }
-        });
-    }
-
-    /// Every pair, with RANGE.
-    fn pairs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        build_runtime().unwrap().block_on(async {
-            let client = Client::connect(&SocketAddr::parse(self.socket())).await.unwrap();
-            let pairs = client.range_iter("", "").unwrap().collect_all().await.unwrap();
-            pairs.into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
-        })
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    });
 }
 
 /// How a command ended.
@@ -165,7 +111,7 @@ fn a_dump_loads_into_a_fresh_store_pair_for_pair() {
     let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
     fs::create_dir_all(&a_dir).unwrap();
     fs::create_dir_all(&b_dir).unwrap();
-    let a = Store::start(&a_dir);
+    let a = Store::start(&a_dir, &[]);
     let mut pairs = sample_pairs(3000);
     // Enough bytes for several RANGE pages.
     pairs.extend((0..5000).map(|i| (format!("big{i:04}").into_bytes(), vec![(i % 251) as u8; 255])));
@@ -176,7 +122,7 @@ fn a_dump_loads_into_a_fresh_store_pair_for_pair() {
         (vec![0x00; 255], b"\n\t\\\r".to_vec()),
     ]);
     pairs.sort();
-    a.set_all(&pairs);
+    set_all(&a, &pairs);
     assert_eq!(a.pairs(), pairs);
 
     let file = dir.path().join("backup.kvd");
@@ -190,8 +136,8 @@ fn a_dump_loads_into_a_fresh_store_pair_for_pair() {
     let stderr = expect_code(0, "load", "nowhere.sock", &file, &["--check"]);
     assert!(stderr.contains("backup.kvd is a complete dump: 8004 pairs"), "{stderr}");
 
-    let b = Store::start(&b_dir);
-    b.set_all(&[(b"only in b".to_vec(), b"stays".to_vec())]);
+    let b = Store::start(&b_dir, &[]);
+    set_all(&b, &[(b"only in b".to_vec(), b"stays".to_vec())]);
     let stderr = expect_code(0, "load", b.socket(), &file, &[]);
     assert!(stderr.starts_with("kivaloo: info: loaded 8004 pairs ("), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -216,7 +162,7 @@ fn a_dump_loads_into_a_fresh_store_pair_for_pair() {
 #[test]
 fn an_empty_store_dumps_and_loads_to_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::start(dir.path());
+    let store = Store::start(dir.path(), &[]);
     let file = dir.path().join("empty.kvd");
     let stderr = expect_code(0, "dump", store.socket(), &file, &[]);
     assert!(stderr.contains("dumped 0 pairs (0 bytes of keys and values; the file is 48 bytes)"), "{stderr}");
@@ -229,7 +175,7 @@ fn an_empty_store_dumps_and_loads_to_nothing() {
 #[test]
 fn a_truncated_or_damaged_dump_is_refused_and_nothing_is_loaded() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::start(dir.path());
+    let store = Store::start(dir.path(), &[]);
     let (bytes, chunks) = dump_bytes(&sample_pairs(1500));
     assert!(chunks.len() >= 3, "{} chunks", chunks.len());
     let trailer_at = bytes.len() - TRAILER_LEN;
@@ -290,8 +236,8 @@ fn a_truncated_or_damaged_dump_is_refused_and_nothing_is_loaded() {
 #[test]
 fn an_existing_file_is_replaced_only_with_force() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::start(dir.path());
-    store.set_all(&sample_pairs(10));
+    let store = Store::start(dir.path(), &[]);
+    set_all(&store, &sample_pairs(10));
     let file = dir.path().join("precious");
     fs::write(&file, "do not lose me").unwrap();
     let stderr = expect_code(2, "dump", store.socket(), &file, &[]);

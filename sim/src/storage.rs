@@ -1035,6 +1035,23 @@ mod tests {
         sync_dir(d, r);
     }
 
+    /// Each 512-byte sector of `after`: `n` as in `new`, `o` as in `old`,
+    /// `g` garbage.
+    fn sector_fates(after: &[u8], old: &[u8], new: &[u8]) -> String {
+        (0..after.len() / 512)
+            .map(|s| {
+                let range = s * 512..(s + 1) * 512;
+                if after[range.clone()] == new[range.clone()] {
+                    'n'
+                } else if after[range.clone()] == old[range] {
+                    'o'
+                } else {
+                    'g'
+                }
+            })
+            .collect()
+    }
+
     fn pattern(len: usize, salt: u8) -> Vec<u8> {
         (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt)).collect()
     }
@@ -1103,19 +1120,7 @@ mod tests {
             d.crash(&mut r);
             let after = contents(&mut d, &mut r, "f");
             assert_eq!(after.len(), N * 512);
-            let sectors: Vec<char> = (0..N)
-                .map(|s| {
-                    let got = &after[s * 512..(s + 1) * 512];
-                    if got == &new[s * 512..(s + 1) * 512] {
-                        'n'
-                    } else if got == &old[s * 512..(s + 1) * 512] {
-                        'o'
-                    } else {
-                        'g'
-                    }
-                })
-                .collect();
-            let sectors: String = sectors.into_iter().collect();
+            let sectors = sector_fates(&after, &old, &new);
             match sectors.as_str() {
                 "nnnn" => kept += 1,
                 "oooo" => dropped += 1,
@@ -1146,18 +1151,7 @@ mod tests {
             );
             assert_eq!(arities, vec![2 * N as u64 + 2], "one decision: the write's");
             let after = contents(&mut d, &mut r, "f");
-            let sectors: String = (0..N)
-                .map(|s| {
-                    let got = &after[s * 512..(s + 1) * 512];
-                    if got == &new[s * 512..(s + 1) * 512] {
-                        'n'
-                    } else if got == &old[s * 512..(s + 1) * 512] {
-                        'o'
-                    } else {
-                        'g'
-                    }
-                })
-                .collect();
+            let sectors = sector_fates(&after, &old, &new);
             seen.push(sectors);
         }
         let expected = [

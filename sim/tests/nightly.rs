@@ -10,29 +10,7 @@ use kivaloo_sim::scenario::Scenario;
 
 /// kvlds under crashes with an impossible space factor: every seed fails
 /// the space oracle once it checks.
-const OVERFULL: &str = r#"
-name = "overfull"
-description = "an impossible space factor under crashes"
-components = ["kvlds", "lbs"]
-seeds = 1
-
-[workload]
-kind = "kvlds"
-requests = 600
-in_flight = [4, 8]
-block_sizes = [1024]
-file_blocks = [8, 8]
-keys = [50, 50]
-cache_pages = [64, 64]
-storage_cost = [3e8, 3e8]
-updates_only = true
-space_factor = 0.01
-
-[faults]
-crash_per_ms = [0.02, 0.02]
-net_latency_us = [1, 100]
-disk_latency_us = [1, 100]
-"#;
+const OVERFULL: &str = include_str!("data/overfull.toml");
 
 #[test]
 fn a_round_reports_its_failures_with_shrunk_reproductions_that_replay_them() {

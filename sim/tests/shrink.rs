@@ -9,32 +9,7 @@ use kivaloo_sim::shrink::{oracle_of, shrink};
 /// A store that must stay within 0.01 times its tree fails the space
 /// oracle once it checks (half-way through the requests) whatever the
 /// faults do; the crashes and resets are there to be shrunk away.
-const OVERFULL: &str = r#"
-name = "overfull"
-description = "an impossible space factor under crashes"
-components = ["kvlds", "lbs"]
-seeds = 1
-
-[workload]
-kind = "kvlds"
-requests = 1200
-in_flight = [4, 8]
-block_sizes = [1024]
-file_blocks = [8, 8]
-keys = [50, 50]
-cache_pages = [64, 64]
-storage_cost = [3e8, 3e8]
-updates_only = true
-space_factor = 0.01
-
-[faults]
-crash_per_ms = [0.02, 0.02]
-power_loss = [0.5, 0.5]
-reset_per_ms = [0.02, 0.02]
-read_eio = [0.01, 0.01]
-net_latency_us = [1, 100]
-disk_latency_us = [1, 100]
-"#;
+const OVERFULL: &str = include_str!("data/overfull.toml");
 
 #[test]
 fn a_failure_shrinks_to_fewer_requests_and_no_needless_faults_and_its_file_replays_it() {
