@@ -1035,6 +1035,20 @@ mod tests {
         sync_dir(d, r);
     }
 
+    /// A power loss taking `option` at every decision; returns each
+    /// decision's number of options.
+    fn crash_taking(d: &mut SimDisk, r: &mut Stream, option: u64) -> Vec<u64> {
+        let mut arities = Vec::new();
+        d.crash_choosing(
+            &mut |n| {
+                arities.push(n);
+                option
+            },
+            r,
+        );
+        arities
+    }
+
     /// Each 512-byte sector of `after`: `n` as in `new`, `o` as in `old`,
     /// `g` garbage.
     fn sector_fates(after: &[u8], old: &[u8], new: &[u8]) -> String {
@@ -1141,14 +1155,7 @@ mod tests {
             let mut d = SimDisk::new(DiskFaults::default());
             durable_file(&mut d, &mut r, "f", &old);
             write(&mut d, &mut r, "f", 0, &new);
-            let mut arities = Vec::new();
-            d.crash_choosing(
-                &mut |n| {
-                    arities.push(n);
-                    option
-                },
-                &mut r,
-            );
+            let arities = crash_taking(&mut d, &mut r, option);
             assert_eq!(arities, vec![2 * N as u64 + 2], "one decision: the write's");
             let after = contents(&mut d, &mut r, "f");
             let sectors = sector_fates(&after, &old, &new);
@@ -1172,14 +1179,7 @@ mod tests {
             open(&mut d, &mut r, "new");
             write(&mut d, &mut r, "new", 0, &pattern(512, 1));
             sync(&mut d, &mut r, "new").unwrap();
-            let mut arities = Vec::new();
-            d.crash_choosing(
-                &mut |n| {
-                    arities.push(n);
-                    option
-                },
-                &mut r,
-            );
+            let arities = crash_taking(&mut d, &mut r, option);
             assert_eq!(arities, vec![2], "the entry; the file's data was synced");
             assert_eq!(
                 d.names().len(),
