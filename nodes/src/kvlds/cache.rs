@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
-use super::page::Page;
+use super::page::PageView;
 
 /// How many of the latest evictions the cache remembers (block numbers, for
 /// the `reloads_during_commit` probe): at most 1024 entries in a ring and
@@ -17,7 +17,7 @@ pub const EVICTED_RECORD_MAX: usize = 1024;
 
 /// One cached page and its CLOCK bit.
 struct Slot {
-    page: Rc<Page>,
+    page: Rc<PageView>,
     referenced: bool,
     pinned: bool,
 }
@@ -92,7 +92,7 @@ impl PageCache {
     }
 
     /// The page in `block`, if cached; marks it used.
-    pub fn get(&mut self, block: u64) -> Option<Rc<Page>> {
+    pub fn get(&mut self, block: u64) -> Option<Rc<PageView>> {
         let &i = self.index.get(&block)?;
         let slot = &mut self.slots[i];
         slot.referenced = true;
@@ -101,7 +101,7 @@ impl PageCache {
 
     /// Caches `page` (replacing any page of the same block), evicting
     /// others if the cache is full. The new page is never the one evicted.
-    pub fn insert(&mut self, page: Rc<Page>) {
+    pub fn insert(&mut self, page: Rc<PageView>) {
         if let Some(&i) = self.index.get(&page.block) {
             let pinned = self.slots[i].pinned;
             self.slots[i] = Slot { page, referenced: true, pinned };
@@ -189,11 +189,12 @@ impl PageCache {
 
 #[cfg(test)]
 mod tests {
-    use super::super::page::PageBody;
+    use super::super::page::{Page, PageBody};
     use super::*;
 
-    fn page(block: u64) -> Rc<Page> {
-        Rc::new(Page { block, level: 0, commit_blocks: 0, body: PageBody::Leaf { pairs: vec![] } })
+    fn page(block: u64) -> Rc<PageView> {
+        let page = Page { block, level: 0, commit_blocks: 0, body: PageBody::Leaf { pairs: vec![] } };
+        Rc::new(PageView::of(&page, 512))
     }
 
     #[test]

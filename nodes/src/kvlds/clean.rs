@@ -57,7 +57,7 @@ use bytes::Bytes;
 use kivaloo::contract::Instant;
 
 use super::cache::PageCache;
-use super::page::{ChildRef, Page, PageBody};
+use super::page::{ChildRef, PageView};
 use super::tree::{check_child, check_level, RootRef, Stall};
 
 /// Leaves one commit cleans at most.
@@ -253,8 +253,8 @@ pub fn oldest_leaves(
                         }
                         Some(page) => {
                             check_level(&page, 0)?;
-                            let PageBody::Leaf { pairs } = &page.body else { unreachable!("level 0") };
-                            sel.leaves.push((pairs.first().map_or(low_key, |(k, _)| k.clone()), block));
+                            let first = if page.keys_len() > 0 { page.key_bytes(0) } else { low_key };
+                            sel.leaves.push((first, block));
                         }
                     }
                 }
@@ -266,15 +266,17 @@ pub fn oldest_leaves(
                     continue;
                 };
                 check_level(&page, level)?;
-                match &page.body {
+                match page.is_leaf() {
                     // Only a root can be a leaf here.
-                    PageBody::Leaf { pairs } => {
-                        sel.leaves.push((pairs.first().map_or(low_key, |(k, _)| k.clone()), block));
+                    true => {
+                        let first = if page.keys_len() > 0 { page.key_bytes(0) } else { low_key };
+                        sel.leaves.push((first, block));
                     }
-                    PageBody::Internal { keys, children } => {
+                    false => {
+                        let children = page.children();
                         sel.internal.push(block);
                         let old = children.iter().enumerate().filter(|(_, c)| c.oldest_block < threshold);
-                        let low = |j: usize| if j == 0 { low_key.clone() } else { keys[j - 1].clone() };
+                        let low = |j: usize| if j == 0 { low_key.clone() } else { page.key_bytes(j - 1) };
                         if level > 1 {
                             sel.pages_above += 1;
                         }
@@ -365,16 +367,17 @@ impl Census {
     ///
     /// # Errors
     /// [`Stall::Corrupt`]: it disagrees with its parent.
-    pub fn arrived(&mut self, page: &Page) -> Result<(), Stall> {
+    pub fn arrived(&mut self, page: &PageView) -> Result<(), Stall> {
         match self.reading.remove(&page.block) {
             Some((r, level)) => self.count(page, r, level),
             None => Ok(()),
         }
     }
 
-    fn count(&mut self, page: &Page, r: ChildRef, level: u8) -> Result<(), Stall> {
+    fn count(&mut self, page: &PageView, r: ChildRef, level: u8) -> Result<(), Stall> {
         check_child(page, r, level)?;
-        if let PageBody::Internal { children, .. } = &page.body {
+        if !page.is_leaf() {
+            let children = page.children();
             self.pages += children.len() as u64;
             if level >= 2 {
                 self.to_read.extend(children.iter().map(|&c| (c, level - 1)));
@@ -388,7 +391,12 @@ impl Census {
 mod tests {
     use std::rc::Rc;
 
+    use super::super::page::{Page, PageBody};
     use super::*;
+
+    fn view(page: &Page) -> PageView {
+        PageView::of(page, 512)
+    }
 
     fn leaf(block: u64, keys: &[&'static str]) -> Page {
         let pairs =
@@ -423,7 +431,7 @@ mod tests {
     fn cache_of(pages: &[Page], skip: &[u64]) -> PageCache {
         let mut cache = PageCache::new(64);
         for p in pages.iter().filter(|p| !skip.contains(&p.block)) {
-            cache.insert(Rc::new(p.clone()));
+            cache.insert(Rc::new(view(p)));
         }
         cache
     }
@@ -520,13 +528,13 @@ mod tests {
         let mut cache = cache_of(&pages, &[8, 9, 10]);
         assert_eq!(census.step(&mut cache).unwrap(), CensusStep::Read(vec![10]));
         assert_eq!(census.step(&mut cache).unwrap(), CensusStep::Wait);
-        census.arrived(&pages[6]).unwrap();
+        census.arrived(&view(&pages[6])).unwrap();
         let CensusStep::Read(mut blocks) = census.step(&mut cache).unwrap() else { panic!("reads") };
         blocks.sort_unstable();
         assert_eq!(blocks, [8, 9]);
-        census.arrived(&pages[4]).unwrap();
-        cache.insert(Rc::new(pages[5].clone()));
-        census.arrived(&pages[5]).unwrap();
+        census.arrived(&view(&pages[4])).unwrap();
+        cache.insert(Rc::new(view(&pages[5])));
+        census.arrived(&view(&pages[5])).unwrap();
         assert_eq!(census.step(&mut cache).unwrap(), CensusStep::Done(7));
         assert_eq!(Census::new(None).step(&mut cache).unwrap(), CensusStep::Done(0));
         let lone = RootRef { child: pages[0].child_ref(), level: 0 };
@@ -540,8 +548,9 @@ mod tests {
         let mut cache = PageCache::new(8);
         census.step(&mut cache).unwrap();
         let mut wrong = pages[6].clone();
-        let PageBody::Internal { children, .. } = &mut wrong.body else { unreachable!() };
+        let PageBody::Internal { keys, children } = &mut wrong.body else { unreachable!() };
+        keys.pop();
         children.pop();
-        assert!(matches!(census.arrived(&wrong), Err(Stall::Corrupt { block: 10, .. })));
+        assert!(matches!(census.arrived(&view(&wrong)), Err(Stall::Corrupt { block: 10, .. })));
     }
 }

@@ -29,7 +29,7 @@ use kivaloo::packet::PacketDecoder;
 
 use cache::PageCache;
 use clean::{Census, CensusStep, Pacing};
-use page::{Page, PAGE_HEADER_LEN};
+use page::{PageView, PAGE_HEADER_LEN};
 use read::{Descent, RangeScan};
 use recovery::{Scan, ScanStep};
 use tree::{DirtyTree, RootRef, Stall};
@@ -304,7 +304,7 @@ struct Batch {
     /// (connection generation, request id, answer) in application order.
     answers: Vec<(u64, u64, bool)>,
     /// Set once the APPEND is sent: the pages, and the new root.
-    writing: Option<(Vec<Rc<Page>>, RootRef)>,
+    writing: Option<(Vec<Rc<PageView>>, RootRef)>,
     rebalancing: bool,
     /// Clean pages the batch replaced (dropped from the cache once it commits).
     superseded: Vec<u64>,
@@ -1025,7 +1025,7 @@ impl KvldsNode {
                 Err(e) => return self.exit(format!("page {} of the commit does not validate: {e}", p.block)),
             };
             if self.config.check_invariants {
-                assert_eq!(&back, p, "page {} does not round-trip", p.block);
+                assert_eq!(&back.to_page(), p, "page {} does not round-trip", p.block);
             }
             data.extend_from_slice(&bytes);
             pages.push(Rc::new(back));

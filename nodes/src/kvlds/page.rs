@@ -229,22 +229,218 @@ impl Cursor<'_> {
         let r = self.take(8)?;
         Ok(u64::from_be_bytes(self.data[r].try_into().expect("8 bytes")))
     }
-    fn short(&mut self) -> Result<Bytes, PageError> {
-        let n = self.u8()? as usize;
-        let r = self.take(n)?;
-        Ok(self.data.slice(r))
+}
+
+/// Bytes of a key's head: the bytes after the page's shared prefix that a
+/// search compares as one integer.
+const HEAD_LEN: usize = 8;
+/// Longest shared prefix kept inside the view itself (a longer one is
+/// compared in the block's bytes).
+const PREFIX_INLINE_MAX: usize = 32;
+
+/// A validated page, searched in place: the block's bytes and, beside
+/// them, each key's offset and head. This is the form the page cache holds.
+///
+/// A search compares first the page's shared key prefix, then each key's
+/// next [`HEAD_LEN`] bytes as one big-endian integer (zero-padded), and the
+/// key's bytes only when two heads are equal. For keys that differ in
+/// those bytes, a binary search reads about three cache lines of heads and
+/// one key, where a list of separately held keys costs a cache miss per
+/// probe for the list and another for the key.
+#[derive(Debug, Clone)]
+pub struct PageView {
+    /// The block it lives in.
+    pub block: u64,
+    /// 0 for leaves.
+    pub level: u8,
+    /// For a commit's root: how many blocks the commit wrote; else 0.
+    pub commit_blocks: u32,
+    /// Header and entries, without padding.
+    page_len: u32,
+    /// The lowest block number in its subtree.
+    oldest_block: u64,
+    /// Bytes all its keys start with.
+    prefix_len: u8,
+    /// The prefix, when at most [`PREFIX_INLINE_MAX`] bytes long.
+    prefix_inline: [u8; PREFIX_INLINE_MAX],
+    /// The block's bytes.
+    data: Bytes,
+    /// Each key's head (see above).
+    heads: Box<[u64]>,
+    /// Each key's offset in `data` (its length is the byte before it; in a
+    /// leaf its value's length follows it, then the value).
+    key_offsets: Box<[u32]>,
+    /// An internal page's children (one more than its keys); empty for a
+    /// leaf.
+    children: Box<[ChildRef]>,
+}
+
+/// The head of a key's bytes after the shared prefix.
+fn head_of(rest: &[u8]) -> u64 {
+    let mut head = [0u8; HEAD_LEN];
+    let n = rest.len().min(HEAD_LEN);
+    head[..n].copy_from_slice(&rest[..n]);
+    u64::from_be_bytes(head)
+}
+
+impl PageView {
+    /// Whether this page is the root of a commit.
+    pub fn is_root(&self) -> bool {
+        self.commit_blocks > 0
+    }
+
+    /// Whether it is a leaf.
+    pub fn is_leaf(&self) -> bool {
+        self.level == 0
+    }
+
+    /// The page's length in bytes (header and entries, without padding).
+    pub fn page_len(&self) -> usize {
+        self.page_len as usize
+    }
+
+    /// The lowest block number in this page's subtree.
+    pub fn oldest_block(&self) -> u64 {
+        self.oldest_block
+    }
+
+    /// A reference to this page for its parent.
+    pub fn child_ref(&self) -> ChildRef {
+        ChildRef { block: self.block, oldest_block: self.oldest_block, page_len: self.page_len }
+    }
+
+    /// Keys: a leaf's pairs, or an internal page's separators (one fewer
+    /// than its children).
+    pub fn keys_len(&self) -> usize {
+        self.key_offsets.len()
+    }
+
+    /// Key `i`.
+    pub fn key(&self, i: usize) -> &[u8] {
+        let at = self.key_offsets[i] as usize;
+        &self.data[at..at + usize::from(self.data[at - 1])]
+    }
+
+    /// Key `i`, sharing the block's buffer.
+    pub fn key_bytes(&self, i: usize) -> Bytes {
+        let at = self.key_offsets[i] as usize;
+        self.data.slice(at..at + usize::from(self.data[at - 1]))
+    }
+
+    fn value_range(&self, i: usize) -> std::ops::Range<usize> {
+        debug_assert!(self.is_leaf(), "values are in leaves");
+        let at = self.key_offsets[i] as usize;
+        let len_at = at + usize::from(self.data[at - 1]);
+        len_at + 1..len_at + 1 + usize::from(self.data[len_at])
+    }
+
+    /// A leaf's value `i`.
+    pub fn value(&self, i: usize) -> &[u8] {
+        &self.data[self.value_range(i)]
+    }
+
+    /// A leaf's value `i`, sharing the block's buffer.
+    pub fn value_bytes(&self, i: usize) -> Bytes {
+        self.data.slice(self.value_range(i))
+    }
+
+    /// An internal page's children (empty for a leaf).
+    pub fn children(&self) -> &[ChildRef] {
+        &self.children
+    }
+
+    /// Where `key` is among the keys: `Ok(i)` if it is key `i`, else
+    /// `Err(i)` with `i` the number of keys below it (as
+    /// `slice::binary_search`).
+    pub fn search(&self, key: &[u8]) -> Result<usize, usize> {
+        let n = self.key_offsets.len();
+        if n == 0 {
+            return Err(0);
+        }
+        let p = usize::from(self.prefix_len);
+        let shared = if p <= PREFIX_INLINE_MAX { &self.prefix_inline[..p] } else { &self.key(0)[..p] };
+        let m = p.min(key.len());
+        match key[..m].cmp(&shared[..m]) {
+            std::cmp::Ordering::Less => return Err(0),
+            std::cmp::Ordering::Greater => return Err(n),
+            // A proper prefix of every key sorts before them all.
+            std::cmp::Ordering::Equal if key.len() < p => return Err(0),
+            std::cmp::Ordering::Equal => {}
+        }
+        let rest = &key[p..];
+        let head = head_of(rest);
+        let (mut lo, mut hi) = (0, n);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            // Heads compare as the padded bytes do: a strictly smaller head
+            // is a smaller key; equal heads need the bytes.
+            let order = match self.heads[mid].cmp(&head) {
+                std::cmp::Ordering::Equal => self.key(mid)[p..].cmp(rest),
+                other => other,
+            };
+            match order {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Ok(mid),
+            }
+        }
+        Err(lo)
+    }
+
+    /// Keys below `key` (the first key at or above it).
+    pub fn keys_below(&self, key: &[u8]) -> usize {
+        self.search(key).unwrap_or_else(|i| i)
+    }
+
+    /// The index of an internal page's child whose range holds `key`: the
+    /// number of separators at or below it.
+    pub fn child_index(&self, key: &[u8]) -> usize {
+        match self.search(key) {
+            Ok(i) => i + 1,
+            Err(i) => i,
+        }
+    }
+
+    /// A leaf's pairs, sharing the block's buffer.
+    pub fn pairs(&self) -> Vec<(Bytes, Bytes)> {
+        (0..self.keys_len()).map(|i| (self.key_bytes(i), self.value_bytes(i))).collect()
+    }
+
+    /// An internal page's separator keys, sharing the block's buffer.
+    pub fn separators(&self) -> Vec<Bytes> {
+        (0..self.keys_len()).map(|i| self.key_bytes(i)).collect()
+    }
+
+    /// The page in its owned form.
+    pub fn to_page(&self) -> Page {
+        let body = if self.is_leaf() {
+            PageBody::Leaf { pairs: self.pairs() }
+        } else {
+            PageBody::Internal { keys: self.separators(), children: self.children.to_vec() }
+        };
+        Page { block: self.block, level: self.level, commit_blocks: self.commit_blocks, body }
+    }
+
+    /// The view of an owned page (serialized into a block of `block_size`
+    /// bytes and parsed back).
+    ///
+    /// # Panics
+    /// If the page does not serialize into a valid page (a programmer
+    /// error, as for [`serialize`]).
+    pub fn of(page: &Page, block_size: usize) -> PageView {
+        parse(serialize(page, block_size), page.block, block_size).expect("a built page validates")
     }
 }
 
 /// Parses and validates the bytes of block `block`: length, magic,
 /// checksum, the block number inside, and every structural rule of the
 /// format (key order, child references pointing to older blocks, lengths
-/// within the block, zero padding). Keys and values are slices of `data`.
+/// within the block, zero padding). Keys and values stay in `data`.
 ///
 /// # Errors
 /// A [`PageError`] saying what is wrong; nothing is trusted from a page
 /// that fails.
-pub fn parse(data: Bytes, block: u64, block_size: usize) -> Result<Page, PageError> {
+pub fn parse(data: Bytes, block: u64, block_size: usize) -> Result<PageView, PageError> {
     if data.len() != block_size {
         return Err(PageError::WrongLength { len: data.len() });
     }
@@ -279,30 +475,37 @@ pub fn parse(data: Bytes, block: u64, block_size: usize) -> Result<Page, PageErr
     if count > block_size / 2 {
         return Err(PageError::Malformed("entry count too large"));
     }
-    let body = if level == 0 {
-        let mut pairs: Vec<(Bytes, Bytes)> = Vec::with_capacity(count);
-        for _ in 0..count {
-            let k = cur.short()?;
-            let v = cur.short()?;
-            if pairs.last().is_some_and(|(prev, _)| *prev >= k) {
-                return Err(PageError::Malformed("leaf keys out of order"));
+    let mut key_offsets: Vec<u32> = Vec::with_capacity(count);
+    let mut children: Vec<ChildRef> = Vec::new();
+    // A key: its length byte and bytes; its offset is recorded, and it
+    // must sort after the previous one.
+    let mut key = |cur: &mut Cursor<'_>, why: &'static str| -> Result<(), PageError> {
+        let len = usize::from(cur.u8()?);
+        let r = cur.take(len)?;
+        if let Some(&prev) = key_offsets.last() {
+            let prev = prev as usize;
+            if data[prev..prev + usize::from(data[prev - 1])] >= data[r.clone()] {
+                return Err(PageError::Malformed(why));
             }
-            pairs.push((k, v));
         }
-        PageBody::Leaf { pairs }
+        key_offsets.push(u32::try_from(r.start).expect("offsets within a block"));
+        Ok(())
+    };
+    let oldest_block = if level == 0 {
+        for _ in 0..count {
+            key(&mut cur, "leaf keys out of order")?;
+            let len = usize::from(cur.u8()?);
+            cur.take(len)?;
+        }
+        block
     } else {
         if count == 0 {
             return Err(PageError::Malformed("internal page without children"));
         }
-        let mut keys: Vec<Bytes> = Vec::with_capacity(count - 1);
-        let mut children = Vec::with_capacity(count);
+        children.reserve_exact(count);
         for i in 0..count {
             if i > 0 {
-                let k = cur.short()?;
-                if keys.last().is_some_and(|prev| *prev >= k) {
-                    return Err(PageError::Malformed("separator keys out of order"));
-                }
-                keys.push(k);
+                key(&mut cur, "separator keys out of order")?;
             }
             let c = ChildRef { block: cur.u64()?, oldest_block: cur.u64()?, page_len: cur.u32()? };
             if c.block >= block || c.oldest_block > c.block {
@@ -313,12 +516,42 @@ pub fn parse(data: Bytes, block: u64, block_size: usize) -> Result<Page, PageErr
             }
             children.push(c);
         }
-        PageBody::Internal { keys, children }
+        children.iter().map(|c| c.oldest_block).min().unwrap_or(block)
     };
     if data[cur.pos..].iter().any(|&b| b != 0) {
         return Err(PageError::Malformed("bytes after the last entry"));
     }
-    Ok(Page { block, level, commit_blocks, body })
+    let page_len = cur.pos as u32;
+    let key_at = |i: usize| {
+        let at = key_offsets[i] as usize;
+        &data[at..at + usize::from(data[at - 1])]
+    };
+    let prefix_len = match key_offsets.len() {
+        0 => 0,
+        n => {
+            let (first, last) = (key_at(0), key_at(n - 1));
+            first.iter().zip(last).take_while(|(a, b)| a == b).count()
+        }
+    };
+    let mut prefix_inline = [0u8; PREFIX_INLINE_MAX];
+    if prefix_len <= PREFIX_INLINE_MAX && prefix_len > 0 {
+        prefix_inline[..prefix_len].copy_from_slice(&key_at(0)[..prefix_len]);
+    }
+    let heads = (0..key_offsets.len()).map(|i| head_of(&key_at(i)[prefix_len..])).collect();
+    Ok(PageView {
+        block,
+        level,
+        commit_blocks,
+        page_len,
+        oldest_block,
+        // Keys are at most 255 bytes, so their common prefix is too.
+        prefix_len: prefix_len as u8,
+        prefix_inline,
+        heads,
+        key_offsets: key_offsets.into_boxed_slice(),
+        children: children.into_boxed_slice(),
+        data,
+    })
 }
 
 #[cfg(test)]
@@ -344,7 +577,7 @@ mod tests {
         assert_eq!(p.page_len(), 24 + 4 + 4);
         let data = serialize(&p, 512);
         assert_eq!(data.len(), 512);
-        assert_eq!(parse(data, 7, 512).unwrap(), p);
+        assert_eq!(parse(data, 7, 512).unwrap().to_page(), p);
     }
 
     #[test]
@@ -366,13 +599,14 @@ mod tests {
         let data = serialize(&p, 1024);
         let back = parse(data, 10, 1024).unwrap();
         assert!(back.is_root());
-        assert_eq!(back, p);
+        assert_eq!(back.child_ref(), p.child_ref());
+        assert_eq!(back.to_page(), p);
     }
 
     #[test]
     fn every_flipped_bit_and_the_wrong_block_are_caught() {
         let data = serialize(&leaf(7), 512);
-        assert_eq!(parse(data.clone(), 8, 512), Err(PageError::WrongBlock { found: 7 }));
+        assert_eq!(parse(data.clone(), 8, 512).err(), Some(PageError::WrongBlock { found: 7 }));
         for bit in (0..512 * 8).step_by(7) {
             let mut bad = data.to_vec();
             bad[bit / 8] ^= 1 << (bit % 8);
@@ -390,6 +624,45 @@ mod tests {
             body: PageBody::Leaf { pairs: vec![(b("b"), b("")), (b("a"), b(""))] },
         };
         let data = serialize(&p, 512);
-        assert_eq!(parse(data, 1, 512), Err(PageError::Malformed("leaf keys out of order")));
+        assert_eq!(parse(data, 1, 512).err(), Some(PageError::Malformed("leaf keys out of order")));
+    }
+    /// Keys built from a small alphabet (so that prefixes, heads and
+    /// zero padding collide often), lengths 0 to 39.
+    fn key_strategy() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(proptest::sample::select(vec![0u8, 1, 7, 0xff]), 0..40)
+    }
+
+    proptest::proptest! {
+        /// The view's search agrees with a binary search of the sorted
+        /// keys, for leaves and separators, for keys present and absent.
+        #[test]
+        fn search_agrees_with_a_binary_search(
+            keys in proptest::collection::btree_set(key_strategy(), 0..40),
+            probes in proptest::collection::vec(key_strategy(), 1..40),
+            leaf in proptest::bool::ANY,
+            shared in proptest::sample::select(vec![0usize, 3, 33, 200]),
+        ) {
+            // A prefix shared by every key (longer than the view keeps
+            // inline, for 33 and 200), and by every other probe.
+            let with_prefix = |k: &Vec<u8>| [vec![7u8; shared], k.clone()].concat();
+            let keys: Vec<Bytes> = keys.iter().map(|k| Bytes::from(with_prefix(k))).collect();
+            let probes: Vec<Vec<u8>> =
+                probes.iter().enumerate().map(|(i, p)| if i % 2 == 0 { with_prefix(p) } else { p.clone() }).collect();
+            let page = if leaf {
+                let pairs = keys.iter().map(|k| (k.clone(), b("v"))).collect();
+                Page { block: 1, level: 0, commit_blocks: 0, body: PageBody::Leaf { pairs } }
+            } else {
+                let child = ChildRef { block: 0, oldest_block: 0, page_len: 24 };
+                let children = vec![child; keys.len() + 1];
+                Page { block: 1, level: 1, commit_blocks: 0, body: PageBody::Internal { keys: keys.clone(), children } }
+            };
+            let view = PageView::of(&page, 16384);
+            proptest::prop_assert_eq!(view.to_page(), page);
+            for probe in probes.iter().chain(keys.iter().map(|k| k.as_ref().to_vec()).collect::<Vec<_>>().iter()) {
+                let want = keys.binary_search_by(|k| k.as_ref().cmp(probe.as_slice()));
+                proptest::prop_assert_eq!(view.search(probe), want, "probe {:?}", probe);
+                proptest::prop_assert_eq!(view.child_index(probe), keys.partition_point(|k| k.as_ref() <= probe.as_slice()));
+            }
+        }
     }
 }

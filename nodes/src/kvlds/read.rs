@@ -7,7 +7,6 @@
 use bytes::Bytes;
 
 use super::cache::PageCache;
-use super::page::PageBody;
 use super::tree::{check_level, RootRef, Stall};
 
 /// Where a descent is: the next page to look at, the level it must have,
@@ -34,19 +33,11 @@ pub fn get(cache: &mut PageCache, d: &mut Descent, key: &[u8]) -> Result<Option<
     loop {
         let page = cache.get(d.block).ok_or(Stall::NeedPage(d.block))?;
         check_level(&page, d.level)?;
-        match &page.body {
-            PageBody::Leaf { pairs } => {
-                return Ok(pairs
-                    .binary_search_by(|(k, _)| k.as_ref().cmp(key))
-                    .ok()
-                    .map(|i| pairs[i].1.clone()));
-            }
-            PageBody::Internal { keys, children } => {
-                let i = keys.partition_point(|k| k.as_ref() <= key);
-                d.block = children[i].block;
-                d.level -= 1;
-            }
+        if page.is_leaf() {
+            return Ok(page.search(key).ok().map(|i| page.value_bytes(i)));
         }
+        d.block = page.children()[page.child_index(key)].block;
+        d.level -= 1;
     }
 }
 
@@ -102,37 +93,34 @@ impl RangeScan {
         loop {
             let page = cache.get(self.descent.block).ok_or(Stall::NeedPage(self.descent.block))?;
             check_level(&page, self.descent.level)?;
-            match &page.body {
-                PageBody::Internal { keys, children } => {
-                    let i = keys.partition_point(|k| *k <= self.pos);
-                    self.descent.block = children[i].block;
-                    self.descent.level -= 1;
-                    if i < keys.len() {
-                        self.descent.hi = Some(keys[i].clone());
-                    }
+            if !page.is_leaf() {
+                let i = page.child_index(&self.pos);
+                self.descent.block = page.children()[i].block;
+                self.descent.level -= 1;
+                if i < page.keys_len() {
+                    self.descent.hi = Some(page.key_bytes(i));
                 }
-                PageBody::Leaf { pairs } => {
-                    let from = pairs.partition_point(|(k, _)| *k < self.pos);
-                    for (k, v) in &pairs[from..] {
-                        if !self.before_end(k) {
-                            return Ok(self.end.clone());
-                        }
-                        let n = 2 + k.len() + v.len();
-                        if !self.pairs.is_empty() && self.bytes + n > self.budget_bytes {
-                            self.cut_by_budget = true;
-                            return Ok(self.next_after_last());
-                        }
-                        self.bytes += n;
-                        self.pairs.push((k.clone(), v.clone()));
-                    }
-                    match self.descent.hi.take() {
-                        Some(hi) if self.before_end(&hi) => {
-                            self.pos = hi;
-                            self.descent = Descent::from_root(self.root);
-                        }
-                        _ => return Ok(self.end.clone()),
-                    }
+                continue;
+            }
+            for i in page.keys_below(&self.pos)..page.keys_len() {
+                let (k, v) = (page.key(i), page.value(i));
+                if !self.before_end(k) {
+                    return Ok(self.end.clone());
                 }
+                let n = 2 + k.len() + v.len();
+                if !self.pairs.is_empty() && self.bytes + n > self.budget_bytes {
+                    self.cut_by_budget = true;
+                    return Ok(self.next_after_last());
+                }
+                self.bytes += n;
+                self.pairs.push((page.key_bytes(i), page.value_bytes(i)));
+            }
+            match self.descent.hi.take() {
+                Some(hi) if self.before_end(&hi) => {
+                    self.pos = hi;
+                    self.descent = Descent::from_root(self.root);
+                }
+                _ => return Ok(self.end.clone()),
             }
         }
     }

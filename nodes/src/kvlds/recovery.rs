@@ -17,7 +17,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 use kivaloo::lbs_proto::NO_LAST_BLOCK;
 
-use super::page::{self, Page};
+use super::page::{self, PageView};
 
 /// Blocks read at once while scanning.
 pub const SCAN_READS_MAX: usize = 32;
@@ -34,7 +34,7 @@ pub enum ScanStep {
     Failed(String),
     /// Done: the root (and whether newer blocks were passed over), or no
     /// tree at all.
-    Found(Option<(Rc<Page>, bool)>),
+    Found(Option<(Rc<PageView>, bool)>),
 }
 
 /// The scan's state.
@@ -48,7 +48,7 @@ pub struct Scan {
     in_flight: usize,
     arrived: BTreeMap<u64, Option<Bytes>>,
     /// A root being checked, and the lowest block of its commit.
-    candidate: Option<(Rc<Page>, u64)>,
+    candidate: Option<(Rc<PageView>, u64)>,
     saw_blocks: bool,
     skipped: bool,
     logs: VecDeque<String>,
@@ -118,7 +118,7 @@ impl Scan {
     }
 
     /// Looks at one block; the root, once a whole commit has checked out.
-    fn examine(&mut self, block: u64, data: Option<Bytes>) -> Option<Rc<Page>> {
+    fn examine(&mut self, block: u64, data: Option<Bytes>) -> Option<Rc<PageView>> {
         let verdict = match data {
             None => Err("missing".to_string()),
             Some(data) => {
@@ -170,7 +170,7 @@ impl Scan {
         None
     }
 
-    fn reject(&mut self, root: &Page, block: u64, why: &str) {
+    fn reject(&mut self, root: &PageView, block: u64, why: &str) {
         self.skipped = true;
         self.logs.push_back(format!(
             "the commit with its root at block {} is incomplete (block {block}: {why}); looking further back",

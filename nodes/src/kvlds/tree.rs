@@ -20,7 +20,7 @@ use kivaloo::kvlds_proto::KvldsRequest;
 
 use super::cache::PageCache;
 use super::page::{
-    internal_len, leaf_len, pair_len, ChildRef, Page, PageBody, CHILD_REF_LEN, PAGE_HEADER_LEN,
+    internal_len, leaf_len, pair_len, ChildRef, Page, PageBody, PageView, CHILD_REF_LEN, PAGE_HEADER_LEN,
 };
 
 /// Why an operation on the tree could not finish now.
@@ -167,12 +167,13 @@ impl DirtyTree {
         let page = cache.get(r.block).ok_or(Stall::NeedPage(r.block))?;
         check_child(&page, r, level)?;
         self.superseded.push(r.block);
-        let body = match &page.body {
-            PageBody::Leaf { pairs } => DirtyBody::Leaf(pairs.clone()),
-            PageBody::Internal { keys, children } => DirtyBody::Internal {
-                keys: keys.clone(),
-                children: children.iter().map(|&c| Child::Clean(c)).collect(),
-            },
+        let body = if page.is_leaf() {
+            DirtyBody::Leaf(page.pairs())
+        } else {
+            DirtyBody::Internal {
+                keys: page.separators(),
+                children: page.children().iter().map(|&c| Child::Clean(c)).collect(),
+            }
         };
         Ok(self.push(DirtyNode { level, body, children_merged: false }))
     }
@@ -241,12 +242,7 @@ impl DirtyTree {
                 Child::Clean(r) => {
                     let Some(page) = cache.get(r.block) else { return Ok(false) };
                     check_level(&page, level)?;
-                    match &page.body {
-                        PageBody::Internal { keys, children } => {
-                            Child::Clean(children[child_index(keys, key)])
-                        }
-                        PageBody::Leaf { .. } => unreachable!("check_level: an internal page"),
-                    }
+                    Child::Clean(page.children()[page.child_index(key)])
                 }
             };
             at = next;
@@ -700,7 +696,7 @@ pub fn merged_len(a: usize, b: usize, level: u8, sep: &Bytes) -> usize {
 ///
 /// # Errors
 /// [`Stall::Corrupt`] naming the block.
-pub fn check_child(page: &Page, r: ChildRef, level: u8) -> Result<(), Stall> {
+pub fn check_child(page: &PageView, r: ChildRef, level: u8) -> Result<(), Stall> {
     check_level(page, level)?;
     if page.page_len() != r.page_len as usize || page.oldest_block() != r.oldest_block {
         return Err(Stall::Corrupt {
@@ -722,7 +718,7 @@ pub fn check_child(page: &Page, r: ChildRef, level: u8) -> Result<(), Stall> {
 ///
 /// # Errors
 /// [`Stall::Corrupt`] naming the block.
-pub fn check_level(page: &Page, level: u8) -> Result<(), Stall> {
+pub fn check_level(page: &PageView, level: u8) -> Result<(), Stall> {
     if page.level != level {
         return Err(Stall::Corrupt {
             block: page.block,
