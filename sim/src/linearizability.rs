@@ -799,30 +799,41 @@ fn key_histories(
     initial: &BTreeMap<Bytes, Bytes>,
     effects_end_ns: &BTreeMap<u64, u64>,
 ) -> BTreeMap<Bytes, KeyHistory> {
-    let mut keys: BTreeMap<Bytes, KeyHistory> = BTreeMap::new();
+    // Every key any call, RANGE answer or the initial state names, sorted;
+    // each key's history is found by its place here, and a RANGE walks the
+    // keys it covers beside its sorted pairs.
+    let mut universe: Vec<&Bytes> = history.calls.iter().map(|c| &c.key).collect();
+    universe.extend(history.ranges.iter().flat_map(|r| r.pairs.iter().map(|(k, _)| k)));
+    universe.extend(initial.keys());
+    universe.sort_unstable();
+    universe.dedup();
+    let place = |key: &Bytes| universe.binary_search(&key).expect("every key is in the universe");
+    let mut histories: Vec<Option<KeyHistory>> = (0..universe.len()).map(|_| None).collect();
     for (index, call) in history.calls.iter().enumerate() {
         if call.completed.is_none() && call.op == KvOp::Get {
             continue;
         }
-        keys.entry(call.key.clone())
-            .or_insert_with(|| KeyHistory::new(&call.key, initial.get(&call.key)))
+        histories[place(&call.key)]
+            .get_or_insert_with(|| KeyHistory::new(&call.key, initial.get(&call.key)))
             .push_call(index, call, effects_end_ns.get(&call.conn).copied());
     }
-    let mut universe: BTreeSet<&Bytes> = history.calls.iter().map(|c| &c.key).collect();
-    universe.extend(history.ranges.iter().flat_map(|r| r.pairs.iter().map(|(k, _)| k)));
-    universe.extend(initial.keys());
     for (index, range) in history.ranges.iter().enumerate() {
-        for &key in universe.range::<&Bytes, _>(&range.start..) {
+        let first = universe.partition_point(|k| **k < range.start);
+        let mut pairs = range.pairs.iter().peekable();
+        for (at, &key) in universe.iter().enumerate().skip(first) {
             if (!range.end.is_empty() && *key >= range.end) || (!range.next.is_empty() && *key >= range.next)
             {
                 break;
             }
-            let seen = range.pairs.binary_search_by(|(k, _)| k.cmp(key)).ok().map(|i| &range.pairs[i].1);
-            keys.entry(key.clone())
-                .or_insert_with(|| KeyHistory::new(key, initial.get(key)))
+            while pairs.next_if(|(k, _)| k < key).is_some() {}
+            let seen = pairs.peek().filter(|(k, _)| k == key).map(|(_, v)| v);
+            histories[at]
+                .get_or_insert_with(|| KeyHistory::new(key, initial.get(key)))
                 .push_range(index, range, seen);
         }
     }
+    let mut keys: BTreeMap<Bytes, KeyHistory> =
+        universe.iter().zip(histories).filter_map(|(&key, kh)| kh.map(|kh| (key.clone(), kh))).collect();
     for kh in keys.values_mut() {
         kh.finish();
     }
