@@ -2,11 +2,11 @@
 # Shows that the simulator's oracles are not vacuous. For each deliberate
 # bug below (lbs: the five of the simulator issue, three a review of the
 # oracle found it missed at first, and three that show only at particular
-# crash points; kvlds: the four of the kvlds issue, and two a review of its
-# oracle found it missed at first; cleaning: a cleaned leaf that loses a
-# pair, and a cleaner that never cleans, against the space oracle's own
-# scenario and seeds; mux: three of routing, against the full-stack
-# scenarios), patch a copy of the tree, build the simulator, and
+# crash points; kvlds: the four of the kvlds issue, two a review of its
+# oracle found it missed at first, and two of pipelined commits; cleaning:
+# a cleaned leaf that loses a pair, and a cleaner that never cleans,
+# against the space oracle's own scenario and seeds; mux: three of
+# routing, against the full-stack scenarios), patch a copy of the tree, build the simulator, and
 #   - sample: sweep the scenarios of that component with the seed budget
 #     `cargo test` runs (CI_SEEDS in sim/tests/scenarios.rs);
 #   - enumerate: crash-state enumeration of a few of its scenarios
@@ -44,6 +44,12 @@ mutants=(
   "kvlds-cleaning-drops-a-pair|kvlds|nodes/src/kvlds/tree.rs|        self.leaf_for(key, cache)?;\n        self.modified = true;\n        Ok(true)|        let l = self.leaf_for(key, cache)?;\n        if let DirtyBody::Leaf(p) = &mut self.node_mut(l).body { p.pop(); }\n        self.modified = true;\n        Ok(true)"
   "kvlds-cleaning-never-cleans|kvlds-space|nodes/src/kvlds/clean.rs|        if self.debt_cleans < 1.0 {|        if self.debt_cleans < f64::INFINITY {"
   "kvlds-recovery-takes-older-root|kvlds|nodes/src/kvlds/recovery.rs|let start = (last_block != NO_LAST_BLOCK).then_some(last_block);|let start = (last_block != NO_LAST_BLOCK).then_some(last_block.saturating_sub(1));"
+  # Pipelined commits: the next batch built on the committed tree rather
+  # than on the commit being written (losing that commit's changes), and
+  # the answers of a batch that changed nothing sent before the commit
+  # below it is durable.
+  "kvlds-next-batch-below-the-commit-in-flight|kvlds|nodes/src/kvlds/mod.rs|tree: DirtyTree::new(self.tip(), self.block_size),|tree: DirtyTree::new(self.committed, self.block_size),"
+  "kvlds-unchanged-batch-answered-before-the-commit-below|kvlds|nodes/src/kvlds/mod.rs|                    Some(sent) => {\n                        self.probes.answers_held_for_commit_below += answers.len() as u64;\n                        sent.answers.extend(answers);\n                    }\n                    None => {|                    Some(sent) if false => {\n                        sent.answers.extend(answers);\n                    }\n                    _ => {"
   # Three that show only at particular crash points (crash-state
   # enumeration's targets): recovery trusting a torn batch whose first and
   # last records survived (a power loss mid-APPEND, sectors reaching the

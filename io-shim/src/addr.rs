@@ -161,6 +161,47 @@ impl Drop for Listener {
 ///
 /// # Errors
 /// As the operating system reports.
+/// Bytes a daemon asks the kernel to buffer for sending to its upstream
+/// (kvlds to lbs): a whole commit's APPEND (several MiB) then leaves in a
+/// few writes instead of a hundred, so the node's one thread is not called
+/// back to the socket between requests. The kernel caps it at
+/// `net.core.wmem_max` (4 MiB here); asking is harmless where less is
+/// allowed.
+pub const UPSTREAM_SEND_BUFFER_BYTES: usize = 4 << 20;
+
+/// Connects to a daemon's upstream, as [`connect`], with a send buffer of
+/// [`UPSTREAM_SEND_BUFFER_BYTES`] (a unix socket's; TCP tunes its own).
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_upstream(addr: &SocketAddr) -> io::Result<Box<dyn Stream>> {
+    match addr {
+        SocketAddr::Unix(p) => {
+            let st = UnixStream::connect(p).await?;
+            set_send_buffer(&st, UPSTREAM_SEND_BUFFER_BYTES);
+            Ok(Box::new(st))
+        }
+        SocketAddr::Tcp(_) => connect(addr).await,
+    }
+}
+
+/// Asks for a send buffer of `bytes`; a refusal only leaves the default.
+fn set_send_buffer(st: &UnixStream, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live
+    // c_int; the descriptor belongs to `st`, open for this call.
+    unsafe {
+        libc::setsockopt(
+            st.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 pub async fn connect(addr: &SocketAddr) -> io::Result<Box<dyn Stream>> {
     match addr {
         SocketAddr::Unix(p) => Ok(Box::new(UnixStream::connect(p).await?)),

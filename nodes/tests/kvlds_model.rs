@@ -857,6 +857,8 @@ fn add_probes(total: &mut KvldsProbes, more: KvldsProbes) {
     total.waits_for_pages += more.waits_for_pages;
     total.reloads_during_commit += more.reloads_during_commit;
     total.writes_waiting_for_next_batch += more.writes_waiting_for_next_batch;
+    total.batches_on_unsynced_commit += more.batches_on_unsynced_commit;
+    total.answers_held_for_commit_below += more.answers_held_for_commit_below;
     total.reads_finished_on_old_root += more.reads_finished_on_old_root;
     total.range_answers_cut_by_budget += more.range_answers_cut_by_budget;
     total.recoveries_empty += more.recoveries_empty;

@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use clap::Parser;
 use kivaloo::LogLevel;
-use kivaloo_io_shim::addr::{connect, Listener, SocketAddr};
+use kivaloo_io_shim::addr::{connect_upstream, Listener, SocketAddr};
 use kivaloo_io_shim::daemon::{daemonize, signal_ready, write_pidfile};
 use kivaloo_io_shim::humansize::{parse_cost_ratio, parse_size_bytes};
 use kivaloo_io_shim::runtime::{build_runtime, log, run_node, RunOptions, Upstream};
@@ -104,7 +104,7 @@ fn main() {
     };
     let pidfile_written = Rc::new(Cell::new(false));
     let exit = rt.block_on(async {
-        let upstream = match connect(&lbs_addr).await {
+        let upstream = match connect_upstream(&lbs_addr).await {
             Ok(stream) => Upstream { stream, peer: format!("lbs at {lbs_addr}") },
             Err(e) => fail(&format!("cannot connect to lbs at {lbs_addr}: {e}")),
         };

@@ -4,6 +4,13 @@
 //! nothing outside holds one across inputs, so any page may be evicted,
 //! except those the cleaner pinned: at most half the cache, until it
 //! unpins them all (after its next batch took what it needed).
+//!
+//! Beside the bounded pages, the cache holds the pages of the commit being
+//! written (`unsynced`), so that the next batch can be built on top of it:
+//! they cannot be evicted (lbs may not have them yet), and they join the
+//! bounded pages once lbs has made them durable. Right after a commit is
+//! durable, the next is sent before the first settles, so there are at most
+//! two commits' pages (2 x `COMMIT_BYTES_MAX`, 32 MiB) outside the bound.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
@@ -37,6 +44,8 @@ pub struct PageCache {
     evicted: VecDeque<u64>,
     /// The same blocks, each with how many times it is in `evicted`.
     evicted_count: BTreeMap<u64, u32>,
+    /// The pages of the commit being written (see the module doc).
+    unsynced: BTreeMap<u64, Rc<PageView>>,
 }
 
 impl PageCache {
@@ -52,6 +61,7 @@ impl PageCache {
             pinned: Vec::new(),
             evicted: VecDeque::new(),
             evicted_count: BTreeMap::new(),
+            unsynced: BTreeMap::new(),
         }
     }
 
@@ -93,10 +103,33 @@ impl PageCache {
 
     /// The page in `block`, if cached; marks it used.
     pub fn get(&mut self, block: u64) -> Option<Rc<PageView>> {
-        let &i = self.index.get(&block)?;
+        let Some(&i) = self.index.get(&block) else { return self.unsynced.get(&block).cloned() };
         let slot = &mut self.slots[i];
         slot.referenced = true;
         Some(slot.page.clone())
+    }
+
+    /// Holds the pages of a commit just sent to lbs, outside the bound and
+    /// never evicted, until [`PageCache::settle`]. Commits come in block
+    /// order.
+    pub fn hold_unsynced(&mut self, pages: &[Rc<PageView>]) {
+        let after = self.unsynced.last_key_value().map(|(&block, _)| block);
+        assert!(pages.iter().all(|p| after.is_none_or(|a| p.block > a)), "commits in block order");
+        for page in pages {
+            // A page cached for the same block (one read past a torn tail
+            // that recovery cut, say) is stale: the new page replaces it.
+            self.remove(page.block);
+            self.unsynced.insert(page.block, page.clone());
+        }
+    }
+
+    /// The commit below `end_block` is durable: its pages become ordinary
+    /// cached pages (evicting others if need be).
+    pub fn settle(&mut self, end_block: u64) {
+        let later = self.unsynced.split_off(&end_block);
+        for (_, page) in std::mem::replace(&mut self.unsynced, later) {
+            self.insert(page);
+        }
     }
 
     /// Caches `page` (replacing any page of the same block), evicting
@@ -195,6 +228,28 @@ mod tests {
     fn page(block: u64) -> Rc<PageView> {
         let page = Page { block, level: 0, commit_blocks: 0, body: PageBody::Leaf { pairs: vec![] } };
         Rc::new(PageView::of(&page, 512))
+    }
+
+    #[test]
+    fn a_commit_being_written_is_held_outside_the_bound_until_settled() {
+        let mut cache = PageCache::new(2);
+        cache.insert(page(1));
+        cache.insert(page(2));
+        cache.hold_unsynced(&[page(2), page(3), page(4)]);
+        // Found, never evicted, not counted; the stale page 2 replaced.
+        assert_eq!(cache.len(), 1);
+        for block in [1, 2, 3, 4] {
+            assert!(cache.get(block).is_some(), "block {block}");
+        }
+        // The next commit is sent before the first settles.
+        cache.hold_unsynced(&[page(5)]);
+        cache.settle(5);
+        assert_eq!(cache.len(), 2);
+        assert!(cache.get(4).is_some() && cache.get(3).is_some());
+        assert!(cache.get(5).is_some());
+        cache.settle(6);
+        assert_eq!(cache.len(), 2);
+        assert!(cache.get(5).is_some());
     }
 
     #[test]

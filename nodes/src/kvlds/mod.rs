@@ -144,6 +144,12 @@ pub struct KvldsProbes {
     /// Modifying requests that arrived while a commit's APPEND was in
     /// flight, so that they wait for the next batch.
     pub writes_waiting_for_next_batch: u64,
+    /// Batches started on top of a commit whose APPEND was in flight
+    /// (pipelined commits).
+    pub batches_on_unsynced_commit: u64,
+    /// Answers of requests that changed nothing in a batch built on a
+    /// commit in flight, held until that commit was durable.
+    pub answers_held_for_commit_below: u64,
     /// GETs and RANGEs that finished on a tree whose root a commit had
     /// replaced while they waited for a page (their snapshot kept its
     /// blocks from being FREEd).
@@ -346,7 +352,13 @@ pub struct KvldsNode {
     reads: BTreeMap<u64, ReadOp>,
     next_read: u64,
     queue: VecDeque<QueuedWrite>,
+    /// The batch being built: on top of the commit being written if there
+    /// is one, taking modifying requests as they come until that commit is
+    /// durable (then it is rebalanced and sent).
     batch: Option<Batch>,
+    /// The batch whose APPEND was sent and not yet answered (at most one:
+    /// kivaloo's lbs refuses an APPEND while it writes another).
+    sent: Option<Batch>,
     probes: KvldsProbes,
     pacing: Pacing,
     /// Pages in the committed tree (`None` until counted after recovery,
@@ -392,6 +404,7 @@ impl KvldsNode {
             next_read: 0,
             queue: VecDeque::new(),
             batch: None,
+            sent: None,
             probes: KvldsProbes::default(),
             pacing: Pacing::new(0.0),
             tree_pages: None,
@@ -416,12 +429,19 @@ impl KvldsNode {
     /// Whether a commit carrying cleaned leaves is being written (for the
     /// simulator's coverage of crashes in the middle of cleaning).
     pub fn cleaning_in_flight(&self) -> bool {
-        self.batch.as_ref().is_some_and(|b| b.writing.is_some() && b.leaves_cleaned > 0)
+        self.sent.as_ref().is_some_and(|b| b.leaves_cleaned > 0)
+    }
+
+    /// The tree the next batch builds on: the commit being written if there
+    /// is one (its pages are in the cache until it is durable), else the
+    /// committed tree.
+    fn tip(&self) -> Option<RootRef> {
+        self.sent.as_ref().and_then(|b| b.writing.as_ref()).map(|(_, root)| *root).or(self.committed)
     }
 
     /// Whether a batch's APPEND has been sent and not yet answered.
     fn commit_in_flight(&self) -> bool {
-        self.batch.as_ref().is_some_and(|b| b.writing.is_some())
+        self.sent.is_some()
     }
 
     /// Pages in the committed tree, once counted (`None` while cleaning is
@@ -918,7 +938,15 @@ impl KvldsNode {
     /// Starts a batch when modifying requests are due (`-w`, `-g`), or
     /// when none waits and the cleaner has leaves ready.
     fn maybe_start_batch(&mut self) {
-        if self.batch.is_some() || !matches!(self.phase, Phase::Serving) {
+        if !matches!(self.phase, Phase::Serving) {
+            return;
+        }
+        if let Some(batch) = &self.batch {
+            // An open batch (the commit below it is being written) takes
+            // what came since.
+            if self.sent.is_some() && !batch.rebalancing && !self.queue.is_empty() {
+                self.run_batch();
+            }
             return;
         }
         match self.queue.front() {
@@ -932,8 +960,11 @@ impl KvldsNode {
             None => return,
         }
         self.cleaning_ready = false;
+        if self.sent.is_some() {
+            self.probes.batches_on_unsynced_commit += 1;
+        }
         self.batch = Some(Batch {
-            tree: DirtyTree::new(self.committed, self.block_size),
+            tree: DirtyTree::new(self.tip(), self.block_size),
             answers: Vec::new(),
             writing: None,
             rebalancing: false,
@@ -960,10 +991,6 @@ impl KvldsNode {
     /// rebalances, then sends the APPEND. Stalls wait for a page.
     fn run_batch(&mut self) {
         let Some(mut batch) = self.batch.take() else { return };
-        if batch.writing.is_some() {
-            self.batch = Some(batch);
-            return;
-        }
         if !batch.rebalancing {
             while let Some(w) = self.queue.front() {
                 if self.batch_full(&batch.tree) {
@@ -979,12 +1006,27 @@ impl KvldsNode {
                 }
             }
             if !batch.tree.modified && !batch.answers.is_empty() {
-                // Nothing changed: every answer rests on the committed
-                // (durable) tree alone, whatever cleaning adds below.
+                // Nothing changed: every answer rests on the tree below
+                // alone, whatever cleaning adds later. If that is the
+                // commit being written, they go out once it is durable.
                 self.probes.empty_batches += 1;
-                for (generation, req_id, done) in std::mem::take(&mut batch.answers) {
-                    self.answer(generation, req_id, &KvldsResponse::Done(done));
+                let answers = std::mem::take(&mut batch.answers);
+                match &mut self.sent {
+                    Some(sent) => {
+                        self.probes.answers_held_for_commit_below += answers.len() as u64;
+                        sent.answers.extend(answers);
+                    }
+                    None => {
+                        for (generation, req_id, done) in answers {
+                            self.answer(generation, req_id, &KvldsResponse::Done(done));
+                        }
+                    }
                 }
+            }
+            if self.sent.is_some() {
+                // Open until the commit below is durable.
+                self.batch = Some(batch);
+                return;
             }
             if !batch.cleaning_done {
                 batch.cleaning_done = true;
@@ -1034,8 +1076,9 @@ impl KvldsNode {
             LbsRequest::Append { count: count as u32, start: self.next_block, data: data.freeze() },
             UpRequest::Append,
         );
+        self.cache.hold_unsynced(&pages);
         batch.writing = Some((pages, commit.root));
-        self.batch = Some(batch);
+        self.sent = Some(batch);
     }
 
     // ---- cleaning ----
@@ -1194,7 +1237,7 @@ impl KvldsNode {
     /// first page of their path that is not cached (again once that page
     /// has come, for the next one down).
     fn prefetch(&mut self) {
-        let Some(root) = self.committed else { return };
+        let Some(root) = self.tip() else { return };
         let limit = PREFETCH_PAGES_MAX.min(self.cache.pages_max() / 4);
         for i in 1..self.queue.len().min(1 + PREFETCH_SCAN_MAX) {
             if self.prefetches >= limit {
@@ -1223,7 +1266,7 @@ impl KvldsNode {
     }
 
     fn append_done(&mut self, next_block: Option<u64>) {
-        let Some(mut batch) = self.batch.take() else {
+        let Some(mut batch) = self.sent.take() else {
             return self.exit("lbs answered an APPEND that was not sent".into());
         };
         let Some((pages, root)) = batch.writing.take() else {
@@ -1261,16 +1304,18 @@ impl KvldsNode {
             let old_pages_replaced = batch.superseded.iter().filter(|&&b| b < batch.clean_below).count();
             self.pacing.paid(old_pages_replaced as u64, n);
         }
-        for block in std::mem::take(&mut batch.superseded) {
-            self.cache.remove(block);
-        }
-        for p in pages {
-            self.cache.insert(p);
-        }
-        for (generation, req_id, done) in batch.answers {
+        for (generation, req_id, done) in std::mem::take(&mut batch.answers) {
             self.answer(generation, req_id, &KvldsResponse::Done(done));
         }
         self.maybe_free();
+        // The open batch, if any, may now be rebalanced and sent: first, so
+        // that lbs writes it while this commit's pages settle.
+        self.run_batch();
+        for block in std::mem::take(&mut batch.superseded) {
+            self.cache.remove(block);
+        }
+        drop(pages);
+        self.cache.settle(written_end);
         self.maybe_start_batch();
         self.clean_step();
     }
