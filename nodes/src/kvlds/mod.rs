@@ -894,15 +894,21 @@ impl KvldsNode {
         }
         let snapshot_oldest_block = root.child.oldest_block;
         let snapshot_root_block = root.child.block;
-        self.reads.insert(
-            id,
-            ReadOp { generation, req_id, snapshot_oldest_block, snapshot_root_block, reserved_bytes, kind },
-        );
-        self.continue_read(id);
+        let op =
+            ReadOp { generation, req_id, snapshot_oldest_block, snapshot_root_block, reserved_bytes, kind };
+        self.run_read(id, op);
     }
 
+    /// Continues read `id` once a page it waited for has come.
     fn continue_read(&mut self, id: u64) {
-        let Some(op) = self.reads.get_mut(&id) else { return };
+        let Some(op) = self.reads.remove(&id) else { return };
+        self.run_read(id, op);
+    }
+
+    /// Runs read `id` as far as the cache allows: answers it, or files it
+    /// in `reads` to wait for the page it needs (a read the cache answers
+    /// at once never enters `reads`).
+    fn run_read(&mut self, id: u64, mut op: ReadOp) {
         let outcome = match &mut op.kind {
             ReadKind::Get { key, descent } => {
                 read::get(&mut self.cache, descent, key).map(KvldsResponse::Get)
@@ -916,7 +922,6 @@ impl KvldsNode {
         };
         match outcome {
             Ok(response) => {
-                let op = self.reads.remove(&id).expect("the read");
                 if self.committed.is_some_and(|r| r.child.block != op.snapshot_root_block) {
                     self.probes.reads_finished_on_old_root += 1;
                 }
@@ -927,6 +932,7 @@ impl KvldsNode {
             }
             Err(Stall::NeedPage(block)) => {
                 self.probes.waits_for_pages += 1;
+                self.reads.insert(id, op);
                 self.load(block, |l| l.readers.push(id));
             }
             Err(Stall::Corrupt { block, why }) => self.exit(format!("block {block} is corrupt: {why}")),
