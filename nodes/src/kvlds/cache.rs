@@ -12,15 +12,22 @@
 //! durable, the next is sent before the first settles, so there are at most
 //! two commits' pages (2 x `COMMIT_BYTES_MAX`, 32 MiB) outside the bound.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
+use super::block_index::BlockIndex;
 use super::page::PageView;
 
 /// How many of the latest evictions the cache remembers (block numbers, for
 /// the `reloads_during_commit` probe): at most 1024 entries in a ring and
 /// in a map beside it, about 50 KiB whatever the cache size.
 pub const EVICTED_RECORD_MAX: usize = 1024;
+
+/// A slot's number as the index stores it (`u32`, half the index's memory
+/// of a `usize`): a cache of 2^32 pages would be 8 TiB of 2 KiB blocks.
+fn slot_number(i: usize) -> u32 {
+    u32::try_from(i).expect("fewer than 2^32 cached pages")
+}
 
 /// One cached page and its CLOCK bit.
 struct Slot {
@@ -33,7 +40,7 @@ struct Slot {
 pub struct PageCache {
     pages_max: usize,
     /// Block number to index in `slots`.
-    index: BTreeMap<u64, usize>,
+    index: BlockIndex<u32>,
     slots: Vec<Slot>,
     hand: usize,
     evictions: u64,
@@ -43,9 +50,10 @@ pub struct PageCache {
     /// first (a block evicted twice is there twice).
     evicted: VecDeque<u64>,
     /// The same blocks, each with how many times it is in `evicted`.
-    evicted_count: BTreeMap<u64, u32>,
+    evicted_count: BlockIndex<u32>,
     /// The pages of the commit being written (see the module doc).
-    unsynced: BTreeMap<u64, Rc<PageView>>,
+    /// In block order (commits come in block order).
+    unsynced: VecDeque<Rc<PageView>>,
 }
 
 impl PageCache {
@@ -54,14 +62,14 @@ impl PageCache {
         let pages_max = pages_max.max(1);
         PageCache {
             pages_max,
-            index: BTreeMap::new(),
+            index: BlockIndex::default(),
             slots: Vec::new(),
             hand: 0,
             evictions: 0,
             pinned: Vec::new(),
             evicted: VecDeque::new(),
-            evicted_count: BTreeMap::new(),
-            unsynced: BTreeMap::new(),
+            evicted_count: BlockIndex::default(),
+            unsynced: VecDeque::new(),
         }
     }
 
@@ -83,51 +91,59 @@ impl PageCache {
     /// Whether `block` was evicted in one of the last
     /// [`EVICTED_RECORD_MAX`] evictions (an older eviction is forgotten).
     pub fn evicted_recently(&self, block: u64) -> bool {
-        self.evicted_count.contains_key(&block)
+        self.evicted_count.contains(block)
     }
 
     fn remember_eviction(&mut self, block: u64) {
         if self.evicted.len() >= EVICTED_RECORD_MAX {
             if let Some(old) = self.evicted.pop_front() {
-                if let Some(n) = self.evicted_count.get_mut(&old) {
+                if let Some(n) = self.evicted_count.get_mut(old) {
                     *n -= 1;
                     if *n == 0 {
-                        self.evicted_count.remove(&old);
+                        self.evicted_count.remove(old);
                     }
                 }
             }
         }
         self.evicted.push_back(block);
-        *self.evicted_count.entry(block).or_default() += 1;
+        let n = self.evicted_count.get(block).unwrap_or(0);
+        self.evicted_count.insert(block, n + 1);
     }
 
     /// The page in `block`, if cached; marks it used.
     pub fn get(&mut self, block: u64) -> Option<Rc<PageView>> {
-        let Some(&i) = self.index.get(&block) else { return self.unsynced.get(&block).cloned() };
-        let slot = &mut self.slots[i];
+        let Some(i) = self.index.get(block) else { return self.unsynced_page(block) };
+        let slot = &mut self.slots[i as usize];
         slot.referenced = true;
         Some(slot.page.clone())
+    }
+
+    /// The page of `block` among those held unsynced.
+    fn unsynced_page(&self, block: u64) -> Option<Rc<PageView>> {
+        let i = self.unsynced.partition_point(|p| p.block < block);
+        self.unsynced.get(i).filter(|p| p.block == block).cloned()
     }
 
     /// Holds the pages of a commit just sent to lbs, outside the bound and
     /// never evicted, until [`PageCache::settle`]. Commits come in block
     /// order.
     pub fn hold_unsynced(&mut self, pages: &[Rc<PageView>]) {
-        let after = self.unsynced.last_key_value().map(|(&block, _)| block);
-        assert!(pages.iter().all(|p| after.is_none_or(|a| p.block > a)), "commits in block order");
+        let mut after = self.unsynced.back().map(|p| p.block);
         for page in pages {
+            assert!(after.is_none_or(|a| page.block > a), "commits in block order");
+            after = Some(page.block);
             // A page cached for the same block (one read past a torn tail
             // that recovery cut, say) is stale: the new page replaces it.
             self.remove(page.block);
-            self.unsynced.insert(page.block, page.clone());
+            self.unsynced.push_back(page.clone());
         }
     }
 
     /// The commit below `end_block` is durable: its pages become ordinary
     /// cached pages (evicting others if need be).
     pub fn settle(&mut self, end_block: u64) {
-        let later = self.unsynced.split_off(&end_block);
-        for (_, page) in std::mem::replace(&mut self.unsynced, later) {
+        while self.unsynced.front().is_some_and(|p| p.block < end_block) {
+            let page = self.unsynced.pop_front().expect("a front page");
             self.insert(page);
         }
     }
@@ -135,7 +151,8 @@ impl PageCache {
     /// Caches `page` (replacing any page of the same block), evicting
     /// others if the cache is full. The new page is never the one evicted.
     pub fn insert(&mut self, page: Rc<PageView>) {
-        if let Some(&i) = self.index.get(&page.block) {
+        if let Some(i) = self.index.get(page.block) {
+            let i = i as usize;
             let pinned = self.slots[i].pinned;
             self.slots[i] = Slot { page, referenced: true, pinned };
             return;
@@ -143,17 +160,18 @@ impl PageCache {
         if self.slots.len() >= self.pages_max {
             self.evict_one();
         }
-        self.index.insert(page.block, self.slots.len());
+        self.index.insert(page.block, slot_number(self.slots.len()));
         self.slots.push(Slot { page, referenced: true, pinned: false });
         assert!(self.slots.len() <= self.pages_max, "page cache above its bound");
+        debug_assert_eq!(self.index.len(), self.slots.len(), "one index entry per slot");
     }
 
     /// Drops the page of `block` if cached (a page no tree reaches any
     /// more), making room without evicting a live one.
     pub fn remove(&mut self, block: u64) {
-        let Some(i) = self.index.remove(&block) else { return };
-        self.slots.swap_remove(i);
-        if let Some(moved) = self.slots.get(i) {
+        let Some(i) = self.index.remove(block) else { return };
+        self.slots.swap_remove(i as usize);
+        if let Some(moved) = self.slots.get(i as usize) {
             self.index.insert(moved.page.block, i);
         }
         if self.hand > self.slots.len() {
@@ -165,7 +183,8 @@ impl PageCache {
     /// [`PageCache::unpin_all`]; whether it is pinned (not when it is not
     /// cached, or when half the cache is pinned already).
     pub fn pin(&mut self, block: u64) -> bool {
-        let Some(&i) = self.index.get(&block) else { return false };
+        let Some(i) = self.index.get(block) else { return false };
+        let i = i as usize;
         if self.slots[i].pinned {
             return true;
         }
@@ -185,8 +204,8 @@ impl PageCache {
     /// Unpins every pinned page.
     pub fn unpin_all(&mut self) {
         for block in std::mem::take(&mut self.pinned) {
-            if let Some(&i) = self.index.get(&block) {
-                self.slots[i].pinned = false;
+            if let Some(i) = self.index.get(block) {
+                self.slots[i as usize].pinned = false;
             }
         }
     }
@@ -209,9 +228,9 @@ impl PageCache {
                 continue;
             }
             let victim = self.slots.swap_remove(self.hand);
-            self.index.remove(&victim.page.block);
+            self.index.remove(victim.page.block);
             if let Some(moved) = self.slots.get(self.hand) {
-                self.index.insert(moved.page.block, self.hand);
+                self.index.insert(moved.page.block, slot_number(self.hand));
             }
             self.evictions += 1;
             self.remember_eviction(victim.page.block);
@@ -317,12 +336,15 @@ mod tests {
         // Block 0 evicted again: it is in the ring twice.
         c.insert(page(0));
         c.insert(page(2));
-        assert_eq!(c.evicted_count.get(&0), Some(&2));
+        assert_eq!(c.evicted_count.get(0), Some(2));
         for b in 3..(3 + EVICTED_RECORD_MAX as u64) {
             c.insert(page(b));
         }
         assert_eq!(c.evicted.len(), EVICTED_RECORD_MAX);
-        assert_eq!(c.evicted_count.values().map(|&n| n as usize).sum::<usize>(), EVICTED_RECORD_MAX);
+        let distinct: std::collections::BTreeSet<u64> = c.evicted.iter().copied().collect();
+        assert_eq!(c.evicted_count.len(), distinct.len());
+        let counted: u32 = distinct.iter().map(|&b| c.evicted_count.get(b).unwrap_or(0)).sum();
+        assert_eq!(counted as usize, EVICTED_RECORD_MAX);
         assert!(!c.evicted_recently(0), "forgotten after {EVICTED_RECORD_MAX} later evictions");
         assert!(c.evicted_recently(2));
     }

@@ -11,6 +11,7 @@
 //! and its requests are answered only once lbs has acknowledged that APPEND
 //! (so after its fsync). Then the new root becomes the committed tree.
 
+mod block_index;
 mod cache;
 pub mod clean;
 pub mod page;
@@ -1064,19 +1065,15 @@ impl KvldsNode {
         let mut data = BytesMut::with_capacity(count * self.block_size);
         let mut pages = Vec::with_capacity(count);
         for p in &commit.pages {
-            let bytes = page::serialize(p, self.block_size);
-            // Pair assertion: what goes to lbs validates as the page it was
-            // built from (compared in full when checking invariants).
-            let back = match page::parse(bytes.clone(), p.block, self.block_size) {
-                Ok(back) => back,
-                // Only corrupt pages read earlier can lead here.
-                Err(e) => return self.exit(format!("page {} of the commit does not validate: {e}", p.block)),
-            };
+            let view = PageView::of(p, self.block_size);
+            data.extend_from_slice(view.bytes());
             if self.config.check_invariants {
+                // What goes to lbs validates as the page it was built from.
+                let back = page::parse(Bytes::copy_from_slice(view.bytes()), p.block, self.block_size);
+                let back = back.unwrap_or_else(|e| panic!("page {} of the commit does not validate: {e}", p.block));
                 assert_eq!(&back.to_page(), p, "page {} does not round-trip", p.block);
             }
-            data.extend_from_slice(&bytes);
-            pages.push(Rc::new(back));
+            pages.push(Rc::new(view));
         }
         self.upstream(
             LbsRequest::Append { count: count as u32, start: self.next_block, data: data.freeze() },
