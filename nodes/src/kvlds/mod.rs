@@ -1065,13 +1065,15 @@ impl KvldsNode {
         let mut data = BytesMut::with_capacity(count * self.block_size);
         let mut pages = Vec::with_capacity(count);
         for p in &commit.pages {
-            let view = PageView::of(p, self.block_size);
+            let view = p.view(self.block_size);
             data.extend_from_slice(view.bytes());
             if self.config.check_invariants {
                 // What goes to lbs validates as the page it was built from.
-                let back = page::parse(Bytes::copy_from_slice(view.bytes()), p.block, self.block_size);
-                let back = back.unwrap_or_else(|e| panic!("page {} of the commit does not validate: {e}", p.block));
-                assert_eq!(&back.to_page(), p, "page {} does not round-trip", p.block);
+                let block = p.block();
+                let back = page::parse(Bytes::copy_from_slice(view.bytes()), block, self.block_size);
+                let back = back.unwrap_or_else(|e| panic!("page {block} of the commit does not validate: {e}"));
+                assert_eq!(back.to_page(), p.to_page(), "page {block} does not round-trip");
+                assert_eq!(back.child_ref(), view.child_ref(), "page {block}: the view's length or oldest block");
             }
             pages.push(Rc::new(view));
         }

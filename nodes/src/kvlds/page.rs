@@ -212,6 +212,70 @@ fn serialize_noting_keys(page: &Page, block_size: usize, key_offsets: &mut Vec<u
     out.freeze()
 }
 
+/// The view of leaf `block` written as the leaf `base` with `edits`
+/// applied: each `(key, Some(value))` sets a pair, each `(key, None)`
+/// removes one (a key `base` lacks is skipped). `edits` are sorted by key,
+/// each key once. The runs of `base`'s entries between edits are copied
+/// whole, so a leaf changed by one request costs a few copies, not one per
+/// pair.
+///
+/// # Panics
+/// If the result does not fit the block, or `base` is not a leaf: the tree
+/// code never asks for either (a programmer error).
+pub fn edited_leaf_view(block: u64, base: &PageView, edits: &[(Bytes, Option<Bytes>)], block_size: usize) -> PageView {
+    assert!(base.is_leaf(), "edits apply to leaves");
+    let mut out = BytesMut::with_capacity(block_size);
+    out.put_slice(&PAGE_MAGIC);
+    out.put_u8(0);
+    out.put_u8(0);
+    out.put_u32(0); // the count, known at the end
+    out.put_u64(block);
+    out.put_u32(0);
+    out.put_u32(0);
+    let base_len = base.keys_len();
+    let mut key_offsets: Vec<u32> = Vec::with_capacity(base_len + edits.len());
+    // Where base entry `i` starts (its key's length byte); for `base_len`,
+    // the end of the entries.
+    let entry_start =
+        |i: usize| if i < base_len { base.key_offsets[i] as usize - 1 } else { base.page_len as usize };
+    // Copies base entries `from..to` as one run.
+    let copy_run = |out: &mut BytesMut, key_offsets: &mut Vec<u32>, from: usize, to: usize| {
+        if from < to {
+            let (start, end) = (entry_start(from), entry_start(to));
+            // The run moves from `start` in the base to `at` here (either
+            // way: the edits before it may have grown or shrunk the page).
+            let (start_u32, at) = (start as u32, out.len() as u32);
+            out.put_slice(&base.data[start..end]);
+            key_offsets.extend(base.key_offsets[from..to].iter().map(|&o| o - start_u32 + at));
+        }
+    };
+    let mut next = 0;
+    for (key, value) in edits {
+        let (at, present) = match base.search(key) {
+            Ok(i) => (i, true),
+            Err(i) => (i, false),
+        };
+        copy_run(&mut out, &mut key_offsets, next, at);
+        next = if present { at + 1 } else { at };
+        if let Some(value) = value {
+            out.put_u8(key.len() as u8);
+            key_offsets.push(out.len() as u32);
+            out.put_slice(key);
+            out.put_u8(value.len() as u8);
+            out.put_slice(value);
+        }
+    }
+    copy_run(&mut out, &mut key_offsets, next, base_len);
+    let page_len = out.len();
+    assert!(page_len <= block_size, "edited leaf of {page_len} bytes for block {block} > {block_size}");
+    let count = u32::try_from(key_offsets.len()).expect("entry count fits u32");
+    out[4..8].copy_from_slice(&count.to_be_bytes());
+    out.resize(block_size, 0);
+    let crc = page_crc(&out);
+    out[20..24].copy_from_slice(&crc.to_be_bytes());
+    assemble(out.freeze(), block, 0, 0, (page_len as u32, block), key_offsets, Vec::new())
+}
+
 /// A cursor over a page's entry bytes.
 struct Cursor<'a> {
     data: &'a Bytes,

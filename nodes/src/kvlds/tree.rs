@@ -15,12 +15,15 @@
 //! adjacent siblings, merged, would be longer than 2/3 of a block. The root
 //! may be any size; an internal root has at least two children.
 
+use std::rc::Rc;
+
 use bytes::Bytes;
 use kivaloo::kvlds_proto::KvldsRequest;
 
 use super::cache::PageCache;
 use super::page::{
-    internal_len, leaf_len, pair_len, ChildRef, Page, PageBody, PageView, CHILD_REF_LEN, PAGE_HEADER_LEN,
+    edited_leaf_view, internal_len, leaf_len, pair_len, ChildRef, Page, PageBody, PageView, CHILD_REF_LEN,
+    PAGE_HEADER_LEN,
 };
 
 /// Why an operation on the tree could not finish now.
@@ -54,8 +57,83 @@ struct DirtyNode {
 
 #[derive(Debug, Clone)]
 enum DirtyBody {
+    /// A leaf as its pairs.
     Leaf(Vec<(Bytes, Bytes)>),
+    /// A leaf as its clean page and a few changes (how a leaf is copied
+    /// in); it becomes a `Leaf` when it must split or merge, or gathers
+    /// more than [`LEAF_EDITS_MAX`] changes.
+    Edited(LeafEdits),
     Internal { keys: Vec<Bytes>, children: Vec<Child> },
+}
+
+/// The most changes a leaf keeps beside its clean page before it is
+/// turned into a list of pairs: each change costs a binary search of them
+/// on every lookup and a shift on every insertion.
+const LEAF_EDITS_MAX: usize = 8;
+
+/// A leaf copied into the batch, kept as its clean page and the changes
+/// made to it, so that copying it in does not take its pairs apart and
+/// writing it copies the page's unchanged entries in runs.
+#[derive(Debug, Clone)]
+pub struct LeafEdits {
+    base: Rc<PageView>,
+    /// Sorted by key, each key once; `None` removes the key.
+    edits: Vec<(Bytes, Option<Bytes>)>,
+    /// The page's length with the changes made.
+    len: usize,
+}
+
+impl LeafEdits {
+    fn new(base: Rc<PageView>) -> Self {
+        let len = base.page_len();
+        LeafEdits { base, edits: Vec::new(), len }
+    }
+
+    /// The value of `key` with the changes made.
+    fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        match self.edits.binary_search_by(|(k, _)| k.as_ref().cmp(key)) {
+            Ok(i) => self.edits[i].1.as_deref(),
+            Err(_) => self.base.search(key).ok().map(|i| self.base.value(i)),
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) `key`.
+    fn set(&mut self, key: &Bytes, value: Option<&Bytes>) {
+        if let Some(old) = self.get(key) {
+            self.len -= pair_len(key, old);
+        }
+        if let Some(v) = value {
+            self.len += pair_len(key, v);
+        }
+        let change = (key.clone(), value.cloned());
+        match self.edits.binary_search_by(|(k, _)| k.as_ref().cmp(key)) {
+            Ok(i) => self.edits[i] = change,
+            Err(i) => self.edits.insert(i, change),
+        }
+    }
+
+    /// The pairs, with the changes made (a merge of the two sorted lists).
+    fn pairs(&self) -> Vec<(Bytes, Bytes)> {
+        let n = self.base.keys_len();
+        let mut pairs = Vec::with_capacity(n + self.edits.len());
+        let mut i = 0;
+        for (k, v) in &self.edits {
+            while i < n && self.base.key(i) < k.as_ref() {
+                pairs.push((self.base.key_bytes(i), self.base.value_bytes(i)));
+                i += 1;
+            }
+            if i < n && self.base.key(i) == k.as_ref() {
+                i += 1;
+            }
+            if let Some(v) = v {
+                pairs.push((k.clone(), v.clone()));
+            }
+        }
+        for j in i..n {
+            pairs.push((self.base.key_bytes(j), self.base.value_bytes(j)));
+        }
+        pairs
+    }
 }
 
 /// The root of a committed tree.
@@ -101,8 +179,49 @@ pub struct DirtyTree {
 
 /// The pages of one commit, in block order (the root last).
 pub struct CommitPages {
-    pub pages: Vec<Page>,
+    pub pages: Vec<CommitPage>,
     pub root: RootRef,
+}
+
+/// One page of a commit.
+pub enum CommitPage {
+    Whole(Page),
+    /// A leaf that is a clean page with a few changes (never the root).
+    EditedLeaf { block: u64, leaf: LeafEdits },
+}
+
+impl CommitPage {
+    /// The block it goes to.
+    pub fn block(&self) -> u64 {
+        match self {
+            CommitPage::Whole(p) => p.block,
+            CommitPage::EditedLeaf { block, .. } => *block,
+        }
+    }
+
+    /// Its bytes, as the view the cache holds.
+    pub fn view(&self, block_size: usize) -> PageView {
+        match self {
+            CommitPage::Whole(p) => PageView::of(p, block_size),
+            CommitPage::EditedLeaf { block, leaf } => {
+                let view = edited_leaf_view(*block, &leaf.base, &leaf.edits, block_size);
+                // The parent recorded this length.
+                assert_eq!(view.page_len(), leaf.len, "edited leaf {block}: its length as kept and as written");
+                view
+            }
+        }
+    }
+
+    /// The page in its owned form (for checks: built independently of
+    /// [`CommitPage::view`]).
+    pub fn to_page(&self) -> Page {
+        match self {
+            CommitPage::Whole(p) => p.clone(),
+            CommitPage::EditedLeaf { block, leaf } => {
+                Page { block: *block, level: 0, commit_blocks: 0, body: PageBody::Leaf { pairs: leaf.pairs() } }
+            }
+        }
+    }
 }
 
 fn child_index(keys: &[Bytes], key: &[u8]) -> usize {
@@ -168,7 +287,7 @@ impl DirtyTree {
         check_child(&page, r, level)?;
         self.superseded.push(r.block);
         let body = if page.is_leaf() {
-            DirtyBody::Leaf(page.pairs())
+            DirtyBody::Edited(LeafEdits::new(page))
         } else {
             DirtyBody::Internal {
                 keys: page.separators(),
@@ -194,7 +313,7 @@ impl DirtyTree {
         let level = self.node(parent).level - 1;
         let child = match &self.node(parent).body {
             DirtyBody::Internal { children, .. } => children[i],
-            DirtyBody::Leaf(_) => unreachable!("a leaf has no children"),
+            DirtyBody::Leaf(_) | DirtyBody::Edited(_) => unreachable!("a leaf has no children"),
         };
         match child {
             Child::Dirty(j) => Ok(j),
@@ -213,7 +332,7 @@ impl DirtyTree {
         let mut i = self.root_dirty(cache)?;
         loop {
             let slot = match &self.node(i).body {
-                DirtyBody::Leaf(_) => return Ok(i),
+                DirtyBody::Leaf(_) | DirtyBody::Edited(_) => return Ok(i),
                 DirtyBody::Internal { keys, .. } => child_index(keys, key),
             };
             i = self.dirty_child(i, slot, cache)?;
@@ -237,7 +356,7 @@ impl DirtyTree {
             let next = match at {
                 Child::Dirty(i) => match &self.node(i).body {
                     DirtyBody::Internal { keys, children } => children[child_index(keys, key)],
-                    DirtyBody::Leaf(_) => unreachable!("levels above 0 are internal"),
+                    DirtyBody::Leaf(_) | DirtyBody::Edited(_) => unreachable!("levels above 0 are internal"),
                 },
                 Child::Clean(r) => {
                     let Some(page) = cache.get(r.block) else { return Ok(false) };
@@ -268,60 +387,43 @@ impl DirtyTree {
     pub fn apply(&mut self, req: &KvldsRequest, cache: &mut PageCache) -> Result<bool, Stall> {
         let key = modified_key(req).unwrap_or_else(|| panic!("not a modifying request: {req:?}"));
         let leaf = self.leaf_for(key, cache)?;
-        let DirtyBody::Leaf(pairs) = &mut self.nodes[leaf].as_mut().expect("live dirty node").body else {
-            unreachable!("leaf_for ends at a leaf")
+        let body = &mut self.nodes[leaf].as_mut().expect("live dirty node").body;
+        let (done, new_value, had) = {
+            let current: Option<&[u8]> = match &*body {
+                DirtyBody::Leaf(pairs) => {
+                    pairs.binary_search_by(|(k, _)| k.as_ref().cmp(key)).ok().map(|i| pairs[i].1.as_ref())
+                }
+                DirtyBody::Edited(leaf) => leaf.get(key),
+                DirtyBody::Internal { .. } => unreachable!("leaf_for ends at a leaf"),
+            };
+            let (done, new_value) = decide(req, current);
+            (done, new_value, current.is_some())
         };
-        let found = pairs.binary_search_by(|(k, _)| k.as_ref().cmp(key));
-        let current = found.ok().map(|i| &pairs[i].1);
-        let (done, new_value): (bool, Option<Option<&Bytes>>) = match req {
-            KvldsRequest::Set { value, .. } => (true, Some(Some(value))),
-            KvldsRequest::Cas { old_value, new_value, .. } => {
-                if current == Some(old_value) {
-                    (true, Some(Some(new_value)))
-                } else {
-                    (false, None)
+        // Nothing to do: refused, or removing a key that is not there.
+        let Some(new_value) = new_value else { return Ok(done) };
+        if new_value.is_none() && !had {
+            return Ok(done);
+        }
+        self.modified = true;
+        if let Some(v) = new_value {
+            self.bytes_added += if had { v.len() } else { pair_len(key, v) };
+        }
+        match body {
+            DirtyBody::Leaf(pairs) => match (new_value, pairs.binary_search_by(|(k, _)| k.as_ref().cmp(key))) {
+                (Some(v), Ok(i)) => pairs[i].1 = v.clone(),
+                (Some(v), Err(i)) => pairs.insert(i, (key.clone(), v.clone())),
+                (None, Ok(i)) => {
+                    pairs.remove(i);
+                }
+                (None, Err(_)) => unreachable!("removing a key that is there"),
+            },
+            DirtyBody::Edited(leaf) => {
+                leaf.set(key, new_value);
+                if leaf.edits.len() > LEAF_EDITS_MAX {
+                    *body = DirtyBody::Leaf(leaf.pairs());
                 }
             }
-            KvldsRequest::Add { value, .. } => {
-                if current.is_none() {
-                    (true, Some(Some(value)))
-                } else {
-                    (false, None)
-                }
-            }
-            KvldsRequest::Modify { value, .. } => {
-                if current.is_some() {
-                    (true, Some(Some(value)))
-                } else {
-                    (false, None)
-                }
-            }
-            KvldsRequest::Delete { .. } => (true, Some(None)),
-            KvldsRequest::Cad { old_value, .. } => {
-                if current == Some(old_value) {
-                    (true, Some(None))
-                } else {
-                    (false, None)
-                }
-            }
-            _ => unreachable!(),
-        };
-        match (new_value, found) {
-            (None, _) | (Some(None), Err(_)) => {}
-            (Some(Some(v)), Ok(i)) => {
-                self.bytes_added += v.len();
-                pairs[i].1 = v.clone();
-                self.modified = true;
-            }
-            (Some(Some(v)), Err(i)) => {
-                self.bytes_added += pair_len(key, v);
-                pairs.insert(i, (key.clone(), v.clone()));
-                self.modified = true;
-            }
-            (Some(None), Ok(i)) => {
-                pairs.remove(i);
-                self.modified = true;
-            }
+            DirtyBody::Internal { .. } => unreachable!("leaf_for ends at a leaf"),
         }
         Ok(done)
     }
@@ -329,6 +431,7 @@ impl DirtyTree {
     fn node_len(&self, i: usize) -> usize {
         match &self.node(i).body {
             DirtyBody::Leaf(pairs) => leaf_len(pairs),
+            DirtyBody::Edited(leaf) => leaf.len,
             DirtyBody::Internal { keys, children } => internal_len(keys, children.len()),
         }
     }
@@ -395,6 +498,14 @@ impl DirtyTree {
 
     /// Splits the dirty subtree under `i` bottom-up; returns the pieces
     /// that `i` itself split off, with their separators, in key order.
+    /// Turns an edited leaf into its list of pairs (to split or merge it).
+    fn materialize(&mut self, i: usize) {
+        let body = &mut self.node_mut(i).body;
+        if let DirtyBody::Edited(leaf) = body {
+            *body = DirtyBody::Leaf(leaf.pairs());
+        }
+    }
+
     fn split(&mut self, i: usize) -> Vec<(Bytes, usize)> {
         let dirty_children: Vec<(usize, usize)> = match &self.node(i).body {
             DirtyBody::Internal { children, .. } => children
@@ -405,7 +516,7 @@ impl DirtyTree {
                     Child::Clean(_) => None,
                 })
                 .collect(),
-            DirtyBody::Leaf(_) => Vec::new(),
+            DirtyBody::Leaf(_) | DirtyBody::Edited(_) => Vec::new(),
         };
         // Children's new pieces, inserted right to left so that earlier
         // slots keep their places.
@@ -424,6 +535,7 @@ impl DirtyTree {
         if len <= self.block_size {
             return Vec::new();
         }
+        self.materialize(i);
         // Even pieces: as few as fit, each about the same size, so that a
         // piece is neither full (it would split again at the next insert)
         // nor nearly empty (it would be merged right back).
@@ -449,6 +561,7 @@ impl DirtyTree {
                 *pairs = it.next().expect("first piece");
                 it.map(|p| (p[0].0.clone(), DirtyBody::Leaf(p))).collect()
             }
+            DirtyBody::Edited(_) => unreachable!("materialized above"),
             DirtyBody::Internal { keys, children } => {
                 let all_keys = std::mem::take(keys);
                 let all_children = std::mem::take(children);
@@ -492,7 +605,7 @@ impl DirtyTree {
     /// whether anything merged.
     fn merge_pass(&mut self, i: usize, cache: &mut PageCache) -> Result<bool, Stall> {
         let dirty_children: Vec<usize> = match &self.node(i).body {
-            DirtyBody::Leaf(_) => return Ok(false),
+            DirtyBody::Leaf(_) | DirtyBody::Edited(_) => return Ok(false),
             DirtyBody::Internal { children, .. } => children
                 .iter()
                 .filter_map(|c| match c {
@@ -520,6 +633,8 @@ impl DirtyTree {
             }
             let left = self.dirty_child(i, slot, cache)?;
             let right = self.dirty_child(i, slot + 1, cache)?;
+            self.materialize(left);
+            self.materialize(right);
             let right_node = self.remove(right);
             // In this tree an internal page shrinks only when two of its
             // children merge (a split below makes it grow), so an internal
@@ -591,7 +706,20 @@ impl DirtyTree {
         assert!(len <= self.block_size, "page of {len} bytes in {}-byte blocks", self.block_size);
         let n = self.node(i);
         let in_range = |k: &Bytes| lo.is_none_or(|lo| k >= lo) && hi.is_none_or(|hi| k < hi);
-        match &n.body {
+        let edited_pairs;
+        let body = match &n.body {
+            DirtyBody::Edited(leaf) => {
+                edited_pairs = DirtyBody::Leaf(leaf.pairs());
+                assert_eq!(leaf_len(match &edited_pairs {
+                    DirtyBody::Leaf(p) => p,
+                    _ => unreachable!(),
+                }), leaf.len, "an edited leaf's length");
+                &edited_pairs
+            }
+            body => body,
+        };
+        match body {
+            DirtyBody::Edited(_) => unreachable!("checked as its pairs"),
             DirtyBody::Leaf(pairs) => {
                 assert_eq!(n.level, 0, "leaf level");
                 for w in pairs.windows(2) {
@@ -630,21 +758,30 @@ impl DirtyTree {
     /// last and marked as the commit's root).
     pub fn into_pages(mut self, first_block: u64) -> CommitPages {
         let Child::Dirty(root) = self.root else { panic!("into_pages on an unchanged tree") };
+        // The root carries the commit's length: it is written whole.
+        self.materialize(root);
         let mut pages = Vec::new();
         let mut next = first_block;
         self.emit(root, &mut next, &mut pages);
         assert_eq!(self.live_nodes, 0, "dirty nodes that the root does not reach");
         let count = pages.len() as u32;
-        let root_page = pages.last_mut().expect("the root");
+        let Some(CommitPage::Whole(root_page)) = pages.last_mut() else { unreachable!("the root is whole") };
         root_page.commit_blocks = count;
         let root = RootRef { child: root_page.child_ref(), level: root_page.level };
         CommitPages { pages, root }
     }
 
-    fn emit(&mut self, i: usize, next: &mut u64, pages: &mut Vec<Page>) -> ChildRef {
+    fn emit(&mut self, i: usize, next: &mut u64, pages: &mut Vec<CommitPage>) -> ChildRef {
         let node = self.remove(i);
         let body = match node.body {
             DirtyBody::Leaf(pairs) => PageBody::Leaf { pairs },
+            DirtyBody::Edited(leaf) => {
+                let block = *next;
+                *next += 1;
+                let r = ChildRef { block, oldest_block: block, page_len: leaf.len as u32 };
+                pages.push(CommitPage::EditedLeaf { block, leaf });
+                return r;
+            }
             DirtyBody::Internal { keys, children } => {
                 let children = children
                     .into_iter()
@@ -659,7 +796,7 @@ impl DirtyTree {
         let page = Page { block: *next, level: node.level, commit_blocks: 0, body };
         *next += 1;
         let r = page.child_ref();
-        pages.push(page);
+        pages.push(CommitPage::Whole(page));
         r
     }
 }
@@ -674,6 +811,24 @@ pub fn modified_key(req: &KvldsRequest) -> Option<&Bytes> {
         | KvldsRequest::Delete { key }
         | KvldsRequest::Cad { key, .. } => Some(key),
         _ => None,
+    }
+}
+
+/// What `req` does to a key whose value is `current`: whether it is done,
+/// and if it changes the key, its new value (`Some(None)`: removed).
+fn decide<'r>(req: &'r KvldsRequest, current: Option<&[u8]>) -> (bool, Option<Option<&'r Bytes>>) {
+    let is = |v: &Bytes| current == Some(v.as_ref());
+    match req {
+        KvldsRequest::Set { value, .. } => (true, Some(Some(value))),
+        KvldsRequest::Cas { old_value, new_value, .. } if is(old_value) => (true, Some(Some(new_value))),
+        KvldsRequest::Add { value, .. } if current.is_none() => (true, Some(Some(value))),
+        KvldsRequest::Modify { value, .. } if current.is_some() => (true, Some(Some(value))),
+        KvldsRequest::Delete { .. } => (true, Some(None)),
+        KvldsRequest::Cad { old_value, .. } if is(old_value) => (true, Some(None)),
+        KvldsRequest::Cas { .. } | KvldsRequest::Add { .. } | KvldsRequest::Modify { .. } | KvldsRequest::Cad { .. } => {
+            (false, None)
+        }
+        _ => unreachable!("not a modifying request"),
     }
 }
 
@@ -726,4 +881,49 @@ pub fn check_level(page: &PageView, level: u8) -> Result<(), Stall> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Keys from a small alphabet, so that edits hit base keys often.
+    fn key() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(proptest::sample::select(vec![0u8, 1, 0xff]), 0..6)
+    }
+
+    proptest! {
+        /// An edited leaf, as kept (its length) and as written (copied in
+        /// runs from its clean page), is the leaf its changes make, built
+        /// pair by pair from a model.
+        #[test]
+        fn an_edited_leaf_is_the_leaf_its_changes_make(
+            base in proptest::collection::btree_map(key(), key(), 0..30),
+            changes in proptest::collection::vec((key(), proptest::option::of(key())), 0..12),
+        ) {
+            let b = |v: &Vec<u8>| Bytes::from(v.clone());
+            let pairs: Vec<(Bytes, Bytes)> = base.iter().map(|(k, v)| (b(k), b(v))).collect();
+            let page = Page { block: 9, level: 0, commit_blocks: 0, body: PageBody::Leaf { pairs } };
+            let mut leaf = LeafEdits::new(Rc::new(PageView::of(&page, 4096)));
+            let mut model: BTreeMap<Vec<u8>, Vec<u8>> = base.clone();
+            for (k, v) in &changes {
+                prop_assert_eq!(leaf.get(k), model.get(k).map(Vec::as_slice));
+                leaf.set(&b(k), v.as_ref().map(b).as_ref());
+                match v {
+                    Some(v) => model.insert(k.clone(), v.clone()),
+                    None => model.remove(k),
+                };
+            }
+            let want: Vec<(Bytes, Bytes)> = model.iter().map(|(k, v)| (b(k), b(v))).collect();
+            prop_assert_eq!(&leaf.pairs(), &want);
+            prop_assert_eq!(leaf.len, leaf_len(&want));
+            let written = CommitPage::EditedLeaf { block: 12, leaf }.view(4096);
+            let whole = Page { block: 12, level: 0, commit_blocks: 0, body: PageBody::Leaf { pairs: want } };
+            prop_assert_eq!(format!("{written:?}"), format!("{:?}", PageView::of(&whole, 4096)));
+        }
+    }
 }
