@@ -80,6 +80,8 @@ impl std::error::Error for FrameError {}
 pub struct PacketDecoder {
     buf: BytesMut,
     record_len_max: usize,
+    /// See [`PacketDecoder::with_grow_bytes_min`].
+    grow_bytes_min: usize,
     /// The validated header of the packet being received, once known.
     pending: Option<PendingHeader>,
     error: Option<FrameError>,
@@ -110,6 +112,7 @@ impl PacketDecoder {
         PacketDecoder {
             buf: BytesMut::new(),
             record_len_max: record_len_max.min(RECORD_LEN_MAX),
+            grow_bytes_min: 0,
             pending: None,
             error: None,
         }
@@ -120,11 +123,31 @@ impl PacketDecoder {
         self.record_len_max
     }
 
+    /// Allocates at least `bytes` whenever the buffer must grow (see
+    /// [`PacketDecoder::push`]); 0, the default, allocates what is needed.
+    /// For a busy connection: one allocation then serves many small reads,
+    /// where each read of a few requests would otherwise cost its own. The
+    /// buffer stays that large while the connection lives.
+    pub fn with_grow_bytes_min(mut self, bytes: usize) -> Self {
+        self.grow_bytes_min = bytes;
+        self
+    }
+
     /// Appends received bytes.
+    ///
+    /// Packets taken out share the buffer (and keep it alive: a consumer
+    /// that holds one for long, a cache, should copy it), so it can seldom
+    /// be grown in place; when it cannot, a new one is allocated.
     pub fn push(&mut self, data: &[u8]) {
-        if self.error.is_none() {
-            self.buf.extend_from_slice(data);
+        if self.error.is_some() {
+            return;
         }
+        if !self.buf.try_reclaim(data.len()) {
+            let mut grown = BytesMut::with_capacity((self.buf.len() + data.len()).max(self.grow_bytes_min));
+            grown.extend_from_slice(&self.buf);
+            self.buf = grown;
+        }
+        self.buf.extend_from_slice(data);
     }
 
     /// Bytes received and not yet returned as packets.

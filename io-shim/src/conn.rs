@@ -89,15 +89,15 @@ impl ConnHandle {
         let reader = tokio::spawn(async move {
             // Reads go into the free end of one buffer and are split off
             // it, so a read of a few bytes does not cost an allocation of
-            // READ_CHUNK_BYTES: a new buffer is allocated only when less
-            // than a chunk is left (and the old one is freed once the node
-            // drops the last chunk that shares it).
+            // READ_CHUNK_BYTES. When less than a chunk is left, the buffer
+            // is reused from its start if the node has dropped every chunk
+            // (it copies what it keeps), else a new one is allocated.
             let mut buf = BytesMut::new();
             loop {
                 while !reader_shared.may_read() {
                     reader_shared.reader_wake.notified().await;
                 }
-                if buf.capacity() < READ_CHUNK_BYTES {
+                if !buf.try_reclaim(READ_CHUNK_BYTES) {
                     buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
                 }
                 let event = match rd.read_buf(&mut buf).await {

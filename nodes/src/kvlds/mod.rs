@@ -42,6 +42,13 @@ pub const PENDING_REQUESTS_MAX: usize = 4096;
 /// Response bytes sent to the client and not yet reported written
 /// (`Input::Sent`). At the bound the node stops handling its requests.
 pub const UNSENT_BYTES_MAX: u64 = 16 << 20;
+/// The least the client connection's packet decoder allocates at a time:
+/// one allocation serves hundreds of requests instead of one per read.
+/// Requests waiting for their commit keep their buffer alive. Typically
+/// that is a few buffers (the requests of one commit arrive together); at
+/// worst, each of [`PENDING_REQUESTS_MAX`] requests pins a buffer of its
+/// own, 256 MiB (as each pinned the buffer of its read before).
+const CLIENT_DECODER_GROW_BYTES: usize = 64 << 10;
 /// The most a RANGE returns, whatever byte budget it asks for (its `next`
 /// tells the client where to go on).
 pub const RANGE_BYTES_MAX: usize = 1 << 20;
@@ -550,7 +557,9 @@ impl KvldsNode {
             // Read-ahead of a block that was freed meanwhile: nobody needs it.
             return;
         };
-        let page = match page::parse(data, block, self.block_size) {
+        // The cache keeps the page: in a buffer of its own, not one shared
+        // with the rest of what was received (which it would keep alive).
+        let page = match page::parse(Bytes::copy_from_slice(&data), block, self.block_size) {
             Ok(p) => Rc::new(p),
             Err(e) if needed => {
                 return self.exit(format!("block {block} is part of the tree but corrupt: {e}"))
@@ -743,7 +752,8 @@ impl KvldsNode {
         self.client = Some(Client {
             conn,
             generation: self.generations,
-            decoder: PacketDecoder::with_record_len_max(REQUEST_RECORD_LEN_MAX),
+            decoder: PacketDecoder::with_record_len_max(REQUEST_RECORD_LEN_MAX)
+                .with_grow_bytes_min(CLIENT_DECODER_GROW_BYTES),
             pending: 0,
             range_bytes_reserved: 0,
             unsent_bytes: 0,
