@@ -98,9 +98,7 @@ impl LbsRequest {
             }
             LbsRequest::Append { count, start, data } => {
                 o.reserve(16 + data.len());
-                o.put_u32(request_type::APPEND);
-                o.put_u32(*count);
-                o.put_u64(*start);
+                append_fields(o, *count, *start);
                 o.extend_from_slice(data);
             }
             LbsRequest::Free { keep_from } => {
@@ -109,6 +107,30 @@ impl LbsRequest {
             }
         });
     }
+}
+
+/// The fields of an APPEND record before its blocks.
+fn append_fields(o: &mut BytesMut, count: u32, start: u64) {
+    o.put_u32(request_type::APPEND);
+    o.put_u32(count);
+    o.put_u64(start);
+}
+
+/// Appends to `out`, as a packet with request ID `id`, the APPEND of
+/// `count` blocks from block `start` whose bytes `write_blocks` writes
+/// straight into `out`: the packet [`LbsRequest::Append`] encodes, without
+/// gathering the blocks into one buffer first.
+pub fn encode_append_with(
+    id: u64,
+    count: u32,
+    start: u64,
+    out: &mut BytesMut,
+    write_blocks: impl FnOnce(&mut BytesMut),
+) {
+    encode_packet_with(out, id, |o| {
+        append_fields(o, count, start);
+        write_blocks(o);
+    });
 }
 
 /// An lbs response.
@@ -191,5 +213,23 @@ impl LbsResponse {
             LbsResponse::Append(None) => o.put_u32(1),
             LbsResponse::Free => o.put_u32(0),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_append_written_in_place_is_the_append_encoded() {
+        let data = Bytes::from((0..1024u32).map(|i| (i * 7) as u8).collect::<Vec<u8>>());
+        let mut want = BytesMut::new();
+        LbsRequest::Append { count: 2, start: 9, data: data.clone() }.encode(5, &mut want);
+        let mut got = BytesMut::new();
+        encode_append_with(5, 2, 9, &mut got, |o| {
+            o.extend_from_slice(&data[..300]);
+            o.extend_from_slice(&data[300..]);
+        });
+        assert_eq!(got, want);
     }
 }

@@ -25,7 +25,7 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 use kivaloo::contract::{ConnClosed, ConnId, ExitReason, Input, Instant, LogLevel, Node, Output};
 use kivaloo::kvlds_proto::{KvldsRequest, KvldsResponse, REQUEST_RECORD_LEN_MAX};
-use kivaloo::lbs_proto::{LbsRequest, LbsRequestKind, LbsResponse, NO_LAST_BLOCK};
+use kivaloo::lbs_proto::{encode_append_with, LbsRequest, LbsRequestKind, LbsResponse, NO_LAST_BLOCK};
 use kivaloo::packet::PacketDecoder;
 
 use cache::PageCache;
@@ -492,9 +492,14 @@ impl KvldsNode {
     }
 
     fn upstream(&mut self, request: LbsRequest, waiting: UpRequest) {
+        self.upstream_with(waiting, |id, out| request.encode(id, out));
+    }
+
+    /// Sends lbs the request that `encode` encodes with the ID it is given.
+    fn upstream_with(&mut self, waiting: UpRequest, encode: impl FnOnce(u64, &mut BytesMut)) {
         let id = self.up_next_id;
         self.up_next_id += 1;
-        request.encode(id, &mut self.up_out);
+        encode(id, &mut self.up_out);
         self.up_pending.insert(id, waiting);
     }
 
@@ -1072,25 +1077,33 @@ impl KvldsNode {
         let tree = std::mem::replace(&mut batch.tree, DirtyTree::new(None, self.block_size));
         let commit = tree.into_pages(self.next_block);
         let count = commit.pages.len();
-        let mut data = BytesMut::with_capacity(count * self.block_size);
         let mut pages = Vec::with_capacity(count);
-        for p in &commit.pages {
-            let view = p.view(self.block_size);
-            data.extend_from_slice(view.bytes());
-            if self.config.check_invariants {
-                // What goes to lbs validates as the page it was built from.
-                let block = p.block();
-                let back = page::parse(Bytes::copy_from_slice(view.bytes()), block, self.block_size);
-                let back = back.unwrap_or_else(|e| panic!("page {block} of the commit does not validate: {e}"));
-                assert_eq!(back.to_page(), p.to_page(), "page {block} does not round-trip");
-                assert_eq!(back.child_ref(), view.child_ref(), "page {block}: the view's length or oldest block");
-            }
-            pages.push(Rc::new(view));
-        }
-        self.upstream(
-            LbsRequest::Append { count: count as u32, start: self.next_block, data: data.freeze() },
-            UpRequest::Append,
-        );
+        let (block_size, check) = (self.block_size, self.config.check_invariants);
+        // The pages go straight into the packet for lbs.
+        let start = self.next_block;
+        self.upstream_with(UpRequest::Append, |id, up_out| {
+            up_out.reserve(count * block_size + 64);
+            encode_append_with(id, count as u32, start, up_out, |out| {
+                for p in &commit.pages {
+                    let view = p.view(block_size);
+                    out.extend_from_slice(view.bytes());
+                    if check {
+                        // What goes to lbs validates as the page it was built from.
+                        let block = p.block();
+                        let back = page::parse(Bytes::copy_from_slice(view.bytes()), block, block_size);
+                        let back = back
+                            .unwrap_or_else(|e| panic!("page {block} of the commit does not validate: {e}"));
+                        assert_eq!(back.to_page(), p.to_page(), "page {block} does not round-trip");
+                        assert_eq!(
+                            back.child_ref(),
+                            view.child_ref(),
+                            "page {block}: the view's length or oldest block"
+                        );
+                    }
+                    pages.push(Rc::new(view));
+                }
+            });
+        });
         self.cache.hold_unsynced(&pages);
         batch.writing = Some((pages, commit.root));
         self.sent = Some(batch);

@@ -222,7 +222,12 @@ fn serialize_noting_keys(page: &Page, block_size: usize, key_offsets: &mut Vec<u
 /// # Panics
 /// If the result does not fit the block, or `base` is not a leaf: the tree
 /// code never asks for either (a programmer error).
-pub fn edited_leaf_view(block: u64, base: &PageView, edits: &[(Bytes, Option<Bytes>)], block_size: usize) -> PageView {
+pub fn edited_leaf_view(
+    block: u64,
+    base: &PageView,
+    edits: &[(Bytes, Option<Bytes>)],
+    block_size: usize,
+) -> PageView {
     assert!(base.is_leaf(), "edits apply to leaves");
     let mut out = BytesMut::with_capacity(block_size);
     out.put_slice(&PAGE_MAGIC);

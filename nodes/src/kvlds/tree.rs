@@ -63,7 +63,10 @@ enum DirtyBody {
     /// in); it becomes a `Leaf` when it must split or merge, or gathers
     /// more than [`LEAF_EDITS_MAX`] changes.
     Edited(LeafEdits),
-    Internal { keys: Vec<Bytes>, children: Vec<Child> },
+    Internal {
+        keys: Vec<Bytes>,
+        children: Vec<Child>,
+    },
 }
 
 /// The most changes a leaf keeps beside its clean page before it is
@@ -187,7 +190,10 @@ pub struct CommitPages {
 pub enum CommitPage {
     Whole(Page),
     /// A leaf that is a clean page with a few changes (never the root).
-    EditedLeaf { block: u64, leaf: LeafEdits },
+    EditedLeaf {
+        block: u64,
+        leaf: LeafEdits,
+    },
 }
 
 impl CommitPage {
@@ -206,7 +212,11 @@ impl CommitPage {
             CommitPage::EditedLeaf { block, leaf } => {
                 let view = edited_leaf_view(*block, &leaf.base, &leaf.edits, block_size);
                 // The parent recorded this length.
-                assert_eq!(view.page_len(), leaf.len, "edited leaf {block}: its length as kept and as written");
+                assert_eq!(
+                    view.page_len(),
+                    leaf.len,
+                    "edited leaf {block}: its length as kept and as written"
+                );
                 view
             }
         }
@@ -217,9 +227,12 @@ impl CommitPage {
     pub fn to_page(&self) -> Page {
         match self {
             CommitPage::Whole(p) => p.clone(),
-            CommitPage::EditedLeaf { block, leaf } => {
-                Page { block: *block, level: 0, commit_blocks: 0, body: PageBody::Leaf { pairs: leaf.pairs() } }
-            }
+            CommitPage::EditedLeaf { block, leaf } => Page {
+                block: *block,
+                level: 0,
+                commit_blocks: 0,
+                body: PageBody::Leaf { pairs: leaf.pairs() },
+            },
         }
     }
 }
@@ -409,7 +422,8 @@ impl DirtyTree {
             self.bytes_added += if had { v.len() } else { pair_len(key, v) };
         }
         match body {
-            DirtyBody::Leaf(pairs) => match (new_value, pairs.binary_search_by(|(k, _)| k.as_ref().cmp(key))) {
+            DirtyBody::Leaf(pairs) => match (new_value, pairs.binary_search_by(|(k, _)| k.as_ref().cmp(key)))
+            {
                 (Some(v), Ok(i)) => pairs[i].1 = v.clone(),
                 (Some(v), Err(i)) => pairs.insert(i, (key.clone(), v.clone())),
                 (None, Ok(i)) => {
@@ -710,10 +724,14 @@ impl DirtyTree {
         let body = match &n.body {
             DirtyBody::Edited(leaf) => {
                 edited_pairs = DirtyBody::Leaf(leaf.pairs());
-                assert_eq!(leaf_len(match &edited_pairs {
-                    DirtyBody::Leaf(p) => p,
-                    _ => unreachable!(),
-                }), leaf.len, "an edited leaf's length");
+                assert_eq!(
+                    leaf_len(match &edited_pairs {
+                        DirtyBody::Leaf(p) => p,
+                        _ => unreachable!(),
+                    }),
+                    leaf.len,
+                    "an edited leaf's length"
+                );
                 &edited_pairs
             }
             body => body,
@@ -825,9 +843,10 @@ fn decide<'r>(req: &'r KvldsRequest, current: Option<&[u8]>) -> (bool, Option<Op
         KvldsRequest::Modify { value, .. } if current.is_some() => (true, Some(Some(value))),
         KvldsRequest::Delete { .. } => (true, Some(None)),
         KvldsRequest::Cad { old_value, .. } if is(old_value) => (true, Some(None)),
-        KvldsRequest::Cas { .. } | KvldsRequest::Add { .. } | KvldsRequest::Modify { .. } | KvldsRequest::Cad { .. } => {
-            (false, None)
-        }
+        KvldsRequest::Cas { .. }
+        | KvldsRequest::Add { .. }
+        | KvldsRequest::Modify { .. }
+        | KvldsRequest::Cad { .. } => (false, None),
         _ => unreachable!("not a modifying request"),
     }
 }
