@@ -143,7 +143,10 @@ impl PacketDecoder {
             return;
         }
         if !self.buf.try_reclaim(data.len()) {
-            let mut grown = BytesMut::with_capacity((self.buf.len() + data.len()).max(self.grow_bytes_min));
+            // At least doubling what is held, so that a large packet
+            // arriving in many reads is copied a bounded number of times.
+            let needed = self.buf.len() + data.len();
+            let mut grown = BytesMut::with_capacity(needed.max(2 * self.buf.len()).max(self.grow_bytes_min));
             grown.extend_from_slice(&self.buf);
             self.buf = grown;
         }
@@ -292,6 +295,30 @@ mod tests {
         let mut d = PacketDecoder::new();
         d.push(&wire);
         assert!(matches!(d.next_packet(), Err(FrameError::RecordCrc { id: 7, .. })));
+    }
+
+    #[test]
+    fn a_large_packet_in_small_reads_grows_the_buffer_geometrically() {
+        let record = vec![7u8; 1 << 20];
+        let mut wire = BytesMut::new();
+        encode_packet(&mut wire, 3, &record);
+        let mut d = PacketDecoder::new();
+        let mut growths = 0;
+        let mut capacity = d.buf.capacity();
+        for piece in wire.chunks(1024) {
+            d.push(piece);
+            if d.buf.capacity() != capacity {
+                growths += 1;
+                capacity = d.buf.capacity();
+            }
+        }
+        // (Taken out only at the end: pushing alone must grow the buffer
+        // geometrically, whoever calls `next_packet` when.)
+        let got = d.next_packet().unwrap();
+        assert_eq!(got.map(|p| p.record.len()), Some(1 << 20));
+        // Each growth at least doubles: about log2(1 MiB / 1 KiB) of them,
+        // not one per read.
+        assert!(growths <= 16, "{growths} growths for 1025 reads");
     }
 
     #[test]
