@@ -303,6 +303,12 @@ mod tests {
         let mut wire = BytesMut::new();
         encode_packet(&mut wire, 3, &record);
         let mut d = PacketDecoder::new();
+        // A packet taken out and still held shares the buffer, which then
+        // cannot simply be reallocated in place.
+        let mut small = BytesMut::new();
+        encode_packet(&mut small, 2, b"small");
+        d.push(&small);
+        let held = d.next_packet().unwrap().expect("the small packet");
         let mut growths = 0;
         let mut capacity = d.buf.capacity();
         for piece in wire.chunks(1024) {
@@ -319,6 +325,30 @@ mod tests {
         // Each growth at least doubles: about log2(1 MiB / 1 KiB) of them,
         // not one per read.
         assert!(growths <= 16, "{growths} growths for 1025 reads");
+        assert_eq!(held.record.as_ref(), b"small");
+    }
+
+    #[test]
+    fn a_minimum_growth_serves_many_small_pushes_with_one_allocation() {
+        let mut d = PacketDecoder::new().with_grow_bytes_min(64 << 10);
+        let mut held = Vec::new();
+        let mut buffers = 0;
+        let mut capacity = usize::MAX;
+        for i in 0..200u64 {
+            let mut wire = BytesMut::new();
+            encode_packet(&mut wire, i, &[1u8; 100]);
+            d.push(&wire);
+            // A new buffer: more room than the one before had left.
+            if d.buf.capacity() > capacity {
+                buffers += 1;
+            }
+            held.push(d.next_packet().unwrap().expect("a whole packet"));
+            capacity = d.buf.capacity();
+        }
+        // 200 packets of 120 bytes, each held: one 64 KiB buffer, not one
+        // allocation each.
+        assert!(buffers <= 1, "{buffers} new buffers");
+        assert_eq!(held.len(), 200);
     }
 
     #[test]

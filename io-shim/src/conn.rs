@@ -16,12 +16,8 @@ use kivaloo::contract::{ConnClosed, ConnId};
 
 use crate::addr::Stream;
 
-/// The least free space a read from a socket is given: below it, the
-/// reader starts a new buffer.
+/// Bytes read from a socket at once.
 pub const READ_CHUNK_BYTES: usize = 64 << 10;
-/// The buffer reads are split off (so one read takes at most this many
-/// bytes).
-pub const READ_BUFFER_BYTES: usize = 256 << 10;
 /// Chunks read from one connection and not yet handed to the node.
 pub const RECEIVED_CHUNKS_IN_FLIGHT_MAX: usize = 2;
 /// The most bytes the writer gathers into one write.
@@ -87,24 +83,16 @@ impl ConnHandle {
         let reader_shared = shared.clone();
         let reader_events = events.clone();
         let reader = tokio::spawn(async move {
-            // Reads go into the free end of one buffer and are split off
-            // it, so a read of a few bytes does not cost an allocation of
-            // READ_CHUNK_BYTES. When less than a chunk is left, the buffer
-            // is reused from its start if the node has dropped every chunk
-            // (it copies what it keeps), else a new one is allocated.
-            let mut buf = BytesMut::new();
             loop {
                 while !reader_shared.may_read() {
                     reader_shared.reader_wake.notified().await;
                 }
-                if !buf.try_reclaim(READ_CHUNK_BYTES) {
-                    buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
-                }
+                let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
                 let event = match rd.read_buf(&mut buf).await {
                     Ok(0) => ConnEvent::Closed(conn, ConnClosed::PeerClosed),
                     Ok(_) => {
                         reader_shared.received_chunks.fetch_add(1, Ordering::AcqRel);
-                        ConnEvent::Received(conn, buf.split().freeze())
+                        ConnEvent::Received(conn, buf.freeze())
                     }
                     Err(e) => ConnEvent::Closed(conn, ConnClosed::Failed(e.to_string())),
                 };

@@ -11,13 +11,14 @@ use clap::Parser;
 use kivaloo::LogLevel;
 use kivaloo_io_shim::addr::{connect_upstream, Listener, SocketAddr};
 
-/// jemalloc rather than the system's malloc: see the workspace manifest.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use kivaloo_io_shim::daemon::{daemonize, signal_ready, write_pidfile};
 use kivaloo_io_shim::humansize::{parse_cost_ratio, parse_size_bytes};
 use kivaloo_io_shim::runtime::{build_runtime, log, run_node, RunOptions, Upstream};
 use kivaloo_nodes::kvlds::{KvldsConfig, KvldsNode};
+
+/// jemalloc rather than the system's malloc: see the workspace manifest.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const NAME: &str = "kivaloo-kvlds";
 

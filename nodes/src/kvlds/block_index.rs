@@ -7,7 +7,8 @@
 //! The table never iterates, so no output can depend on its order; the hash
 //! is fixed (block numbers come from our own log, not from clients, so
 //! there is no flooding to defend against). Memory: 2 to 4 slots of
-//! `8 + size_of::<V>()` bytes (padded) per entry.
+//! `8 + size_of::<V>()` bytes (padded) per entry at the most entries it
+//! has held (it never shrinks).
 
 /// The smallest table, in slots (a power of two).
 const SLOTS_MIN: usize = 16;
@@ -37,7 +38,8 @@ impl<V: Copy> BlockIndex<V> {
     }
 
     /// The slot where `block`'s probe starts: the golden-ratio multiply,
-    /// whose high bits mix every bit of the block number.
+    /// with its high half folded into the low bits the mask keeps, so that
+    /// they depend on every bit of the block number.
     fn home(&self, block: u64) -> usize {
         let h = block.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         (h >> 32 ^ h) as usize & self.mask()
@@ -73,6 +75,9 @@ impl<V: Copy> BlockIndex<V> {
 
     /// Sets `block`'s value; the previous one.
     pub fn insert(&mut self, block: u64, value: V) -> Option<V> {
+        if let Some(v) = self.get_mut(block) {
+            return Some(std::mem::replace(v, value));
+        }
         if (self.len + 1) * 2 > self.slots.len() {
             self.grow();
         }

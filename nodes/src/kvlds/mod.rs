@@ -1078,29 +1078,35 @@ impl KvldsNode {
         let commit = tree.into_pages(self.next_block);
         let count = commit.pages.len();
         let mut pages = Vec::with_capacity(count);
-        let (block_size, check) = (self.block_size, self.config.check_invariants);
+        for p in &commit.pages {
+            let view = p.view(self.block_size);
+            if !view.keys_ascending() {
+                // Only pages corrupt in a way their checks could not see
+                // can lead here: nothing of this batch is written.
+                return self.exit(format!("page {} of the commit has keys out of order", p.block()));
+            }
+            if self.config.check_invariants {
+                // What goes to lbs validates as the page it was built from.
+                let block = p.block();
+                let back = page::parse(Bytes::copy_from_slice(view.bytes()), block, self.block_size);
+                let back =
+                    back.unwrap_or_else(|e| panic!("page {block} of the commit does not validate: {e}"));
+                assert_eq!(back.to_page(), p.to_page(), "page {block} does not round-trip");
+                assert_eq!(
+                    back.child_ref(),
+                    view.child_ref(),
+                    "page {block}: the view's length or oldest block"
+                );
+            }
+            pages.push(Rc::new(view));
+        }
         // The pages go straight into the packet for lbs.
-        let start = self.next_block;
+        let (start, block_size) = (self.next_block, self.block_size);
         self.upstream_with(UpRequest::Append, |id, up_out| {
             up_out.reserve(count * block_size + 64);
             encode_append_with(id, count as u32, start, up_out, |out| {
-                for p in &commit.pages {
-                    let view = p.view(block_size);
+                for view in &pages {
                     out.extend_from_slice(view.bytes());
-                    if check {
-                        // What goes to lbs validates as the page it was built from.
-                        let block = p.block();
-                        let back = page::parse(Bytes::copy_from_slice(view.bytes()), block, block_size);
-                        let back = back
-                            .unwrap_or_else(|e| panic!("page {block} of the commit does not validate: {e}"));
-                        assert_eq!(back.to_page(), p.to_page(), "page {block} does not round-trip");
-                        assert_eq!(
-                            back.child_ref(),
-                            view.child_ref(),
-                            "page {block}: the view's length or oldest block"
-                        );
-                    }
-                    pages.push(Rc::new(view));
                 }
             });
         });

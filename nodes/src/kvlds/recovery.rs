@@ -123,7 +123,9 @@ impl Scan {
             None => Err("missing".to_string()),
             Some(data) => {
                 self.saw_blocks = true;
-                page::parse(data, block, self.block_size).map_err(|e| e.to_string())
+                // The root found is cached: in a buffer of its own, not one
+                // shared with the rest of what was received.
+                page::parse(Bytes::copy_from_slice(&data), block, self.block_size).map_err(|e| e.to_string())
             }
         };
         if let Some((root, lowest)) = self.candidate.take() {

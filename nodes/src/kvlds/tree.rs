@@ -510,8 +510,6 @@ impl DirtyTree {
         }
     }
 
-    /// Splits the dirty subtree under `i` bottom-up; returns the pieces
-    /// that `i` itself split off, with their separators, in key order.
     /// Turns an edited leaf into its list of pairs (to split or merge it).
     fn materialize(&mut self, i: usize) {
         let body = &mut self.node_mut(i).body;
@@ -520,6 +518,8 @@ impl DirtyTree {
         }
     }
 
+    /// Splits the dirty subtree under `i` bottom-up; returns the pieces
+    /// that `i` itself split off, with their separators, in key order.
     fn split(&mut self, i: usize) -> Vec<(Bytes, usize)> {
         let dirty_children: Vec<(usize, usize)> = match &self.node(i).body {
             DirtyBody::Internal { children, .. } => children
