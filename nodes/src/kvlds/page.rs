@@ -168,27 +168,17 @@ pub fn serialize(page: &Page, block_size: usize) -> Bytes {
 fn serialize_noting_keys(page: &Page, block_size: usize, key_offsets: &mut Vec<u32>) -> Bytes {
     let page_len = page.page_len();
     assert!(page_len <= block_size, "page of {page_len} bytes for block {} > {block_size}", page.block);
-    let mut out = BytesMut::with_capacity(block_size);
-    out.put_slice(&PAGE_MAGIC);
-    out.put_u8(page.level);
-    out.put_u8(if page.is_root() { FLAG_ROOT } else { 0 });
     let count = match &page.body {
         PageBody::Leaf { pairs } => pairs.len(),
         PageBody::Internal { children, .. } => children.len(),
     };
-    out.put_u32(u32::try_from(count).expect("entry count fits u32"));
-    out.put_u64(page.block);
-    out.put_u32(page.commit_blocks);
-    out.put_u32(0);
+    let flags = if page.is_root() { FLAG_ROOT } else { 0 };
+    let mut out = begin_block(block_size, page.level, flags, count, page.block, page.commit_blocks);
     match &page.body {
         PageBody::Leaf { pairs } => {
             key_offsets.reserve_exact(pairs.len());
             for (k, v) in pairs {
-                out.put_u8(k.len() as u8);
-                key_offsets.push(out.len() as u32);
-                out.put_slice(k);
-                out.put_u8(v.len() as u8);
-                out.put_slice(v);
+                put_pair(&mut out, key_offsets, k, v);
             }
         }
         PageBody::Internal { keys, children } => {
@@ -206,6 +196,41 @@ fn serialize_noting_keys(page: &Page, block_size: usize, key_offsets: &mut Vec<u
         }
     }
     debug_assert_eq!(out.len(), page_len);
+    seal_block(out, block_size)
+}
+
+/// A block's buffer with its header written (its checksum left for
+/// [`seal_block`]).
+fn begin_block(
+    block_size: usize,
+    level: u8,
+    flags: u8,
+    count: usize,
+    block: u64,
+    commit_blocks: u32,
+) -> BytesMut {
+    let mut out = BytesMut::with_capacity(block_size);
+    out.put_slice(&PAGE_MAGIC);
+    out.put_u8(level);
+    out.put_u8(flags);
+    out.put_u32(u32::try_from(count).expect("entry count fits u32"));
+    out.put_u64(block);
+    out.put_u32(commit_blocks);
+    out.put_u32(0);
+    out
+}
+
+/// Writes one leaf entry, noting where its key starts.
+fn put_pair(out: &mut BytesMut, key_offsets: &mut Vec<u32>, key: &[u8], value: &[u8]) {
+    out.put_u8(key.len() as u8);
+    key_offsets.push(out.len() as u32);
+    out.put_slice(key);
+    out.put_u8(value.len() as u8);
+    out.put_slice(value);
+}
+
+/// Pads the block with zeros and writes its checksum.
+fn seal_block(mut out: BytesMut, block_size: usize) -> Bytes {
     out.resize(block_size, 0);
     let crc = page_crc(&out);
     out[20..24].copy_from_slice(&crc.to_be_bytes());
@@ -229,14 +254,8 @@ pub fn edited_leaf_view(
     block_size: usize,
 ) -> PageView {
     assert!(base.is_leaf(), "edits apply to leaves");
-    let mut out = BytesMut::with_capacity(block_size);
-    out.put_slice(&PAGE_MAGIC);
-    out.put_u8(0);
-    out.put_u8(0);
-    out.put_u32(0); // the count, known at the end
-    out.put_u64(block);
-    out.put_u32(0);
-    out.put_u32(0);
+    // The count is known at the end.
+    let mut out = begin_block(block_size, 0, 0, 0, block, 0);
     let base_len = base.keys_len();
     let mut key_offsets: Vec<u32> = Vec::with_capacity(base_len + edits.len());
     // Where base entry `i` starts (its key's length byte); for `base_len`,
@@ -263,11 +282,7 @@ pub fn edited_leaf_view(
         copy_run(&mut out, &mut key_offsets, next, at);
         next = if present { at + 1 } else { at };
         if let Some(value) = value {
-            out.put_u8(key.len() as u8);
-            key_offsets.push(out.len() as u32);
-            out.put_slice(key);
-            out.put_u8(value.len() as u8);
-            out.put_slice(value);
+            put_pair(&mut out, &mut key_offsets, key, value);
         }
     }
     copy_run(&mut out, &mut key_offsets, next, base_len);
@@ -275,10 +290,7 @@ pub fn edited_leaf_view(
     assert!(page_len <= block_size, "edited leaf of {page_len} bytes for block {block} > {block_size}");
     let count = u32::try_from(key_offsets.len()).expect("entry count fits u32");
     out[4..8].copy_from_slice(&count.to_be_bytes());
-    out.resize(block_size, 0);
-    let crc = page_crc(&out);
-    out[20..24].copy_from_slice(&crc.to_be_bytes());
-    assemble(out.freeze(), block, 0, 0, (page_len as u32, block), key_offsets, Vec::new())
+    assemble(seal_block(out, block_size), block, 0, 0, (page_len as u32, block), key_offsets, Vec::new())
 }
 
 /// A cursor over a page's entry bytes.

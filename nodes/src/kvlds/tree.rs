@@ -720,19 +720,14 @@ impl DirtyTree {
         assert!(len <= self.block_size, "page of {len} bytes in {}-byte blocks", self.block_size);
         let n = self.node(i);
         let in_range = |k: &Bytes| lo.is_none_or(|lo| k >= lo) && hi.is_none_or(|hi| k < hi);
-        let edited_pairs;
+        // An edited leaf is checked as its pairs.
+        let edited_as_pairs;
         let body = match &n.body {
             DirtyBody::Edited(leaf) => {
-                edited_pairs = DirtyBody::Leaf(leaf.pairs());
-                assert_eq!(
-                    leaf_len(match &edited_pairs {
-                        DirtyBody::Leaf(p) => p,
-                        _ => unreachable!(),
-                    }),
-                    leaf.len,
-                    "an edited leaf's length"
-                );
-                &edited_pairs
+                let pairs = leaf.pairs();
+                assert_eq!(leaf_len(&pairs), leaf.len, "an edited leaf's length");
+                edited_as_pairs = DirtyBody::Leaf(pairs);
+                &edited_as_pairs
             }
             body => body,
         };
