@@ -3,7 +3,10 @@
 //! whatever is queued into one write and reporting what it wrote (the node
 //! bounds what it has sent and not yet seen written). The reader reads only
 //! while the node wants bytes and fewer than
-//! [`RECEIVED_CHUNKS_IN_FLIGHT_MAX`] chunks wait for the node.
+//! [`RECEIVED_CHUNKS_IN_FLIGHT_MAX`] chunks wait for the node. It reads
+//! [`READ_CHUNK_BYTES`] at a time, more (see [`next_read_chunk_bytes`]) on a
+//! connection whose node allows larger chunks and whose reads keep filling
+//! them.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,8 +19,12 @@ use kivaloo::contract::{ConnClosed, ConnId};
 
 use crate::addr::Stream;
 
-/// Bytes read from a socket at once.
+/// Bytes read from a socket at once, at first and whenever reads come back
+/// short.
 pub const READ_CHUNK_BYTES: usize = 64 << 10;
+/// The largest read buffer of lbs's connections: its client (kvlds) sends
+/// commits of megabytes in one packet.
+pub const BULK_READ_CHUNK_BYTES_MAX: usize = 2 << 20;
 /// Chunks read from one connection and not yet handed to the node.
 pub const RECEIVED_CHUNKS_IN_FLIGHT_MAX: usize = 2;
 /// The most bytes the writer gathers into one write.
@@ -51,6 +58,23 @@ struct Shared {
     reader_wake: Notify,
 }
 
+/// The size of the next read's buffer after a read of `read_bytes` into a
+/// buffer of `chunk_bytes`: double (up to `chunk_bytes_max`) after a read
+/// that filled it, back to [`READ_CHUNK_BYTES`] after one that did not fill
+/// half of it. A peer streaming a large packet (kvlds sending lbs a
+/// commit of megabytes) is then read in a few large reads rather than in a
+/// hundred that each pass through the event loop; a connection holds at
+/// most [`RECEIVED_CHUNKS_IN_FLIGHT_MAX`] chunks of `chunk_bytes_max`.
+pub fn next_read_chunk_bytes(chunk_bytes: usize, read_bytes: usize, chunk_bytes_max: usize) -> usize {
+    if read_bytes >= chunk_bytes {
+        (chunk_bytes * 2).min(chunk_bytes_max).max(READ_CHUNK_BYTES)
+    } else if read_bytes < chunk_bytes / 2 {
+        READ_CHUNK_BYTES
+    } else {
+        chunk_bytes
+    }
+}
+
 impl Shared {
     fn may_read(&self) -> bool {
         self.read_enabled.load(Ordering::Acquire)
@@ -69,12 +93,14 @@ pub struct ConnHandle {
 }
 
 impl ConnHandle {
-    /// Starts the reader and writer tasks of `stream`.
+    /// Starts the reader and writer tasks of `stream`; reads use buffers
+    /// of at most `read_chunk_bytes_max` (at least [`READ_CHUNK_BYTES`]).
     pub fn spawn(
         conn: ConnId,
         stream: Box<dyn Stream>,
         peer: String,
         events: mpsc::UnboundedSender<ConnEvent>,
+        read_chunk_bytes_max: usize,
     ) -> ConnHandle {
         let (mut rd, mut wr) = tokio::io::split(stream);
         let shared = Arc::new(Shared::default());
@@ -83,14 +109,16 @@ impl ConnHandle {
         let reader_shared = shared.clone();
         let reader_events = events.clone();
         let reader = tokio::spawn(async move {
+            let mut chunk_bytes = READ_CHUNK_BYTES;
             loop {
                 while !reader_shared.may_read() {
                     reader_shared.reader_wake.notified().await;
                 }
-                let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+                let mut buf = BytesMut::with_capacity(chunk_bytes);
                 let event = match rd.read_buf(&mut buf).await {
                     Ok(0) => ConnEvent::Closed(conn, ConnClosed::PeerClosed),
-                    Ok(_) => {
+                    Ok(n) => {
+                        chunk_bytes = next_read_chunk_bytes(chunk_bytes, n, read_chunk_bytes_max);
                         reader_shared.received_chunks.fetch_add(1, Ordering::AcqRel);
                         ConnEvent::Received(conn, buf.freeze())
                     }
@@ -208,5 +236,30 @@ impl Drop for ConnHandle {
                 writer.abort();
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_grow_while_they_fill_and_fall_back_when_short() {
+        let max = BULK_READ_CHUNK_BYTES_MAX;
+        let mut chunk = READ_CHUNK_BYTES;
+        let mut sizes = vec![chunk];
+        while chunk < max {
+            chunk = next_read_chunk_bytes(chunk, chunk, max);
+            sizes.push(chunk);
+        }
+        assert_eq!(sizes, [64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20]);
+        assert_eq!(next_read_chunk_bytes(max, max, max), max, "never above the maximum");
+        assert_eq!(next_read_chunk_bytes(max, max / 2, max), max, "half full keeps the size");
+        assert_eq!(next_read_chunk_bytes(max, max / 2 - 1, max), READ_CHUNK_BYTES, "less falls back");
+        assert_eq!(
+            next_read_chunk_bytes(READ_CHUNK_BYTES, READ_CHUNK_BYTES, READ_CHUNK_BYTES),
+            READ_CHUNK_BYTES,
+            "a node that allows no growth gets none"
+        );
     }
 }

@@ -49,6 +49,10 @@ pub struct RunOptions {
     pub exit_after_one_connection: bool,
     /// Called once, when the node first accepts connections.
     pub on_ready: Option<Box<dyn FnOnce()>>,
+    /// The largest buffer one read from a connection may use (see
+    /// [`crate::conn::next_read_chunk_bytes`]); [`crate::conn::READ_CHUNK_BYTES`] for
+    /// reads of that size always.
+    pub read_chunk_bytes_max: usize,
 }
 
 /// Writes a log line to stderr (one write of the whole line). A line that
@@ -91,7 +95,13 @@ pub async fn run_node<N: Node>(mut node: N, listeners: Vec<Listener>, mut opts: 
     if let Some(up) = opts.upstream.take() {
         conns.insert(
             ConnId::UPSTREAM,
-            ConnHandle::spawn(ConnId::UPSTREAM, up.stream, up.peer, event_tx.clone()),
+            ConnHandle::spawn(
+                ConnId::UPSTREAM,
+                up.stream,
+                up.peer,
+                event_tx.clone(),
+                opts.read_chunk_bytes_max,
+            ),
         );
     }
     let mut next_conn_id = 0u64;
@@ -201,7 +211,7 @@ pub async fn run_node<N: Node>(mut node: N, listeners: Vec<Listener>, mut opts: 
                     let conn = ConnId(next_conn_id);
                     next_conn_id += 1;
                     served_a_connection = true;
-                    conns.insert(conn, ConnHandle::spawn(conn, stream, peer, event_tx.clone()));
+                    conns.insert(conn, ConnHandle::spawn(conn, stream, peer, event_tx.clone(), opts.read_chunk_bytes_max));
                     node.handle_input(now(), Input::Accepted { conn });
                 }
                 Err(e) => {
@@ -332,6 +342,7 @@ mod tests {
             disk_readers: 1,
             upstream: Some(Upstream { stream: Box::new(ours), peer: "test upstream".into() }),
             exit_after_one_connection,
+            read_chunk_bytes_max: crate::conn::READ_CHUNK_BYTES,
             on_ready: None,
         };
         (tmp, sock, listener, theirs, opts)

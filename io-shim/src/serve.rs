@@ -82,6 +82,7 @@ pub async fn serve(opts: ServeOptions) -> Result<ExitReason, String> {
             upstream: None,
             // Its one client is kvlds: when kvlds stops, so does lbs.
             exit_after_one_connection: true,
+            read_chunk_bytes_max: crate::conn::BULK_READ_CHUNK_BYTES_MAX,
             on_ready: None,
         },
     );
@@ -99,6 +100,7 @@ pub async fn serve(opts: ServeOptions) -> Result<ExitReason, String> {
             upstream: Some(Upstream { stream: kvlds_up, peer: "lbs (in process)".into() }),
             // Its one client is the mux: when the mux stops, so does kvlds.
             exit_after_one_connection: true,
+            read_chunk_bytes_max: crate::conn::READ_CHUNK_BYTES,
             on_ready: None,
         },
     );
@@ -112,6 +114,7 @@ pub async fn serve(opts: ServeOptions) -> Result<ExitReason, String> {
             disk_readers: 0,
             upstream: Some(Upstream { stream: mux_up, peer: "kvlds (in process)".into() }),
             exit_after_one_connection: false,
+            read_chunk_bytes_max: crate::conn::READ_CHUNK_BYTES,
             on_ready: Some(Box::new(move || {
                 if let Some(ready) = ready_opts.on_ready {
                     ready(&ready_opts);

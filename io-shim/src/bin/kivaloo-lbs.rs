@@ -110,6 +110,7 @@ fn main() {
             disk_readers: flags.readers,
             upstream: None,
             exit_after_one_connection: flags.one_connection,
+            read_chunk_bytes_max: kivaloo_io_shim::conn::BULK_READ_CHUNK_BYTES_MAX,
             on_ready: Some(Box::new(move || {
                 if let Err(e) = write_pidfile(&ready_pidfile) {
                     log(NAME, kivaloo::LogLevel::Warn, &e);

@@ -237,6 +237,7 @@ fn main() {
             disk_readers: 0,
             upstream: Some(upstream),
             exit_after_one_connection: flags.one_connection,
+            read_chunk_bytes_max: kivaloo_io_shim::conn::READ_CHUNK_BYTES,
             on_ready: Some(Box::new(move || {
                 match write_pidfile(&ready_pidfile) {
                     Ok(()) => ready_written.set(true),
