@@ -2,6 +2,21 @@
 //! operation but reads, in the order asked) and `readers` reader threads
 //! (positioned reads, concurrently). Completions go back to the event loop
 //! over a channel. Files are kept open by name.
+//!
+//! Writes of whole sectors (offset and length multiples of
+//! [`DIRECT_SECTOR_BYTES`], which lbs's are) bypass the page cache: the
+//! writer copies them into a buffer of its own, aligned for the device, and
+//! writes them through a second descriptor opened with `O_DIRECT` (see
+//! [`DirectWriter`]). A buffered write of megabytes costs the kernel a copy
+//! into freshly allocated page-cache pages, which on a virtual machine were
+//! measured at up to ten times the cost of the copy itself, and the
+//! writeback of those pages at `fsync`; the direct write is one copy into
+//! warm memory and the device's own transfer. Durability is unchanged: a
+//! direct write is no more durable than a buffered one until the file is
+//! synced, and nothing is acknowledged before that. Reads stay buffered
+//! (Linux keeps the two coherent). Where the file system refuses `O_DIRECT`
+//! (tmpfs, say) or a device wants larger alignment, writes fall back to
+//! buffered ones for the rest of the run.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -67,8 +82,9 @@ impl DiskExecutor {
             thread::Builder::new()
                 .name("disk-writer".into())
                 .spawn(move || {
+                    let mut direct = DirectWriter::new();
                     for (id, op) in writer_rx {
-                        if done.send((id, execute(&files, op))).is_err() {
+                        if done.send((id, execute_write(&files, &mut direct, op))).is_err() {
                             break;
                         }
                     }
@@ -114,6 +130,111 @@ fn to_disk_error(e: io::Error) -> DiskError {
 
 fn execute(files: &Files, op: DiskOp) -> Result<DiskDone, DiskError> {
     run(files, op).map_err(to_disk_error)
+}
+
+/// Runs an operation on the writer thread: whole-sector writes directly,
+/// everything else as [`run`] does.
+fn execute_write(files: &Files, direct: &mut DirectWriter, op: DiskOp) -> Result<DiskDone, DiskError> {
+    match op {
+        DiskOp::Write { name, offset, data } => {
+            let written = match direct.write(files, &name, offset, &data) {
+                Ok(true) => Ok(DiskDone::Written { len_bytes: data.len() as u64 }),
+                Ok(false) => run(files, DiskOp::Write { name, offset, data }),
+                Err(e) => Err(e),
+            };
+            written.map_err(to_disk_error)
+        }
+        DiskOp::Remove { name } => {
+            direct.forget(&name);
+            execute(files, DiskOp::Remove { name })
+        }
+        op => execute(files, op),
+    }
+}
+
+/// Offsets and lengths of direct writes are multiples of this: the
+/// logical sector of nearly every device, and the unit lbs lays records
+/// out in.
+pub const DIRECT_SECTOR_BYTES: u64 = 512;
+/// Alignment of the memory a direct write is made from (a page: enough
+/// for any device's logical block).
+const DIRECT_MEMORY_ALIGN_BYTES: usize = 4096;
+
+/// The writer thread's `O_DIRECT` descriptors and aligned buffer. The
+/// buffer grows to the largest write (lbs's largest APPEND, bounded by the
+/// packet size limit) and is kept.
+struct DirectWriter {
+    /// False once the file system or device has refused a direct write.
+    enabled: bool,
+    files: HashMap<String, File>,
+    buf: Vec<u8>,
+}
+
+impl DirectWriter {
+    fn new() -> Self {
+        DirectWriter { enabled: true, files: HashMap::new(), buf: Vec::new() }
+    }
+
+    /// Writes `data` at `offset` of `name` directly. `Ok(false)`: nothing
+    /// was written; the caller writes it buffered.
+    fn write(&mut self, files: &Files, name: &str, offset: u64, data: &[u8]) -> io::Result<bool> {
+        if !self.enabled
+            || data.is_empty()
+            || !offset.is_multiple_of(DIRECT_SECTOR_BYTES)
+            || !(data.len() as u64).is_multiple_of(DIRECT_SECTOR_BYTES)
+        {
+            return Ok(false);
+        }
+        if !self.files.contains_key(name) {
+            use std::os::unix::fs::OpenOptionsExt;
+            match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(files.path(name)?) {
+                Ok(f) => {
+                    self.files.insert(name.to_string(), f);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.enabled = false;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let f = &self.files[name];
+        let room = data.len() + DIRECT_MEMORY_ALIGN_BYTES;
+        if self.buf.len() < room {
+            self.buf = vec![0; room];
+        }
+        let start = self.buf.as_ptr().align_offset(DIRECT_MEMORY_ALIGN_BYTES);
+        let aligned = &mut self.buf[start..start + data.len()];
+        aligned.copy_from_slice(data);
+        let mut done = 0;
+        while done < aligned.len() {
+            match f.write_at(&aligned[done..], offset + done as u64) {
+                Ok(0) => {
+                    return Err(io::Error::new(io::ErrorKind::WriteZero, "a direct write wrote nothing"))
+                }
+                // A direct write that stopped short of a sector (it should
+                // not) leaves the rest to a buffered one.
+                Ok(n) if !(n as u64).is_multiple_of(DIRECT_SECTOR_BYTES) => {
+                    done += n;
+                    files.get(name, false)?.write_all_at(&data[done..], offset + done as u64)?;
+                    return Ok(true);
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if done == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.enabled = false;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Closes the direct descriptor of a file being removed.
+    fn forget(&mut self, name: &str) {
+        self.files.remove(name);
+    }
 }
 
 fn run(files: &Files, op: DiskOp) -> io::Result<DiskDone> {
@@ -179,5 +300,55 @@ fn run(files: &Files, op: DiskOp) -> io::Result<DiskDone> {
             std::fs::remove_file(files.path(&name)?)?;
             Ok(DiskDone::Done)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(files: &Files, name: &str, offset: u64, len: usize) -> Vec<u8> {
+        match run(files, DiskOp::Read { name: name.into(), offset, len: len as u32 }) {
+            Ok(DiskDone::Read(b)) => b.to_vec(),
+            other => panic!("read: {other:?}"),
+        }
+    }
+
+    /// Whole-sector writes (direct where the file system allows it) and
+    /// others (buffered) land where asked, and reads see both, including
+    /// a direct write over a range a read had cached.
+    #[test]
+    fn direct_and_buffered_writes_read_back() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let files = Files { dir: dir.path().to_path_buf(), open: Mutex::new(HashMap::new()) };
+        let mut direct = DirectWriter::new();
+        let name = "f".to_string();
+        execute_write(&files, &mut direct, DiskOp::Open { name: name.clone(), create: true }).expect("open");
+        let sectors: Vec<u8> = (0..3 * 512).map(|i| (i % 251) as u8).collect();
+        let odd: Vec<u8> = (0..700).map(|i| (i % 7) as u8 + 1).collect();
+        let write = |direct: &mut DirectWriter, offset: u64, data: &[u8]| {
+            let op = DiskOp::Write { name: name.clone(), offset, data: Bytes::copy_from_slice(data) };
+            match execute_write(&files, direct, op) {
+                Ok(DiskDone::Written { len_bytes }) => assert_eq!(len_bytes, data.len() as u64),
+                other => panic!("write: {other:?}"),
+            }
+        };
+        write(&mut direct, 1024, &sectors);
+        write(&mut direct, 100, &odd);
+        assert_eq!(read(&files, &name, 1024, sectors.len()), sectors);
+        assert_eq!(read(&files, &name, 100, odd.len()), odd);
+        // A read caches the range; a direct write over it must be seen.
+        let again: Vec<u8> = sectors.iter().map(|b| b ^ 0xff).collect();
+        write(&mut direct, 1024, &again);
+        assert_eq!(read(&files, &name, 1024, again.len()), again);
+        // Where the file system takes O_DIRECT, the direct path was used.
+        use std::os::unix::fs::OpenOptionsExt;
+        let supported =
+            OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(dir.path().join(&name)).is_ok();
+        assert_eq!(direct.enabled, supported);
+        assert_eq!(direct.files.contains_key(&name), supported);
+        execute_write(&files, &mut direct, DiskOp::SyncFile { name: name.clone() }).expect("sync");
+        execute_write(&files, &mut direct, DiskOp::Remove { name: name.clone() }).expect("remove");
+        assert!(direct.files.is_empty(), "the direct descriptor of a removed file is closed");
     }
 }
