@@ -293,6 +293,55 @@ pub fn edited_leaf_view(
     assemble(seal_block(out, block_size), block, 0, 0, (page_len as u32, block), key_offsets, Vec::new())
 }
 
+/// The view of internal page `block` written as the internal page `base`
+/// with new references to its `children` (one per child of `base`, in
+/// order): the separators, their offsets and their heads are `base`'s,
+/// copied whole, and only the references are written anew.
+///
+/// # Panics
+/// If `base` is a leaf or `children` does not match its children in
+/// number: the tree code never asks for either (a programmer error).
+pub fn edited_internal_view(
+    block: u64,
+    base: &PageView,
+    children: &[ChildRef],
+    block_size: usize,
+) -> PageView {
+    assert!(!base.is_leaf(), "new references apply to internal pages");
+    assert_eq!(children.len(), base.children.len(), "one reference per child");
+    let mut out = begin_block(block_size, base.level, 0, children.len(), block, 0);
+    let page_len = base.page_len as usize;
+    out.put_slice(&base.data[PAGE_HEADER_LEN..page_len]);
+    for (i, c) in children.iter().enumerate() {
+        // Child 0's reference opens the entries; each later child's follows
+        // the key before it.
+        let at = match i {
+            0 => PAGE_HEADER_LEN,
+            _ => {
+                let key_at = base.key_offsets[i - 1] as usize;
+                key_at + usize::from(base.data[key_at - 1])
+            }
+        };
+        out[at..at + 8].copy_from_slice(&c.block.to_be_bytes());
+        out[at + 8..at + 16].copy_from_slice(&c.oldest_block.to_be_bytes());
+        out[at + 16..at + CHILD_REF_LEN].copy_from_slice(&c.page_len.to_be_bytes());
+    }
+    let oldest_block = children.iter().map(|c| c.oldest_block).min().unwrap_or(block);
+    PageView {
+        block,
+        level: base.level,
+        commit_blocks: 0,
+        page_len: base.page_len,
+        oldest_block,
+        prefix_len: base.prefix_len,
+        prefix_inline: base.prefix_inline,
+        data: seal_block(out, block_size),
+        heads: base.heads.clone(),
+        key_offsets: base.key_offsets.clone(),
+        children: children.into(),
+    }
+}
+
 /// A cursor over a page's entry bytes.
 struct Cursor<'a> {
     data: &'a Bytes,

@@ -22,8 +22,8 @@ use kivaloo::kvlds_proto::KvldsRequest;
 
 use super::cache::PageCache;
 use super::page::{
-    edited_leaf_view, internal_len, leaf_len, pair_len, ChildRef, Page, PageBody, PageView, CHILD_REF_LEN,
-    PAGE_HEADER_LEN,
+    edited_internal_view, edited_leaf_view, leaf_len, pair_len, ChildRef, Page, PageBody, PageView,
+    CHILD_REF_LEN, PAGE_HEADER_LEN,
 };
 
 /// Why an operation on the tree could not finish now.
@@ -64,9 +64,65 @@ enum DirtyBody {
     /// more than [`LEAF_EDITS_MAX`] changes.
     Edited(LeafEdits),
     Internal {
-        keys: Vec<Bytes>,
+        keys: Separators,
         children: Vec<Child>,
     },
+}
+
+/// A dirty internal node's separator keys: those of the clean page it was
+/// copied from, for as long as no split or merge below changes them (so
+/// that copying it in takes no keys apart, and writing it copies the
+/// page's entries whole), or a list of its own.
+#[derive(Debug, Clone)]
+enum Separators {
+    Page(Rc<PageView>),
+    Owned(Vec<Bytes>),
+}
+
+impl Separators {
+    /// Separator `i`.
+    fn get(&self, i: usize) -> Bytes {
+        match self {
+            Separators::Page(p) => p.key_bytes(i),
+            Separators::Owned(keys) => keys[i].clone(),
+        }
+    }
+
+    /// The index of the child whose range holds `key`.
+    fn child_index(&self, key: &[u8]) -> usize {
+        match self {
+            Separators::Page(p) => p.child_index(key),
+            Separators::Owned(keys) => keys.partition_point(|k| k.as_ref() <= key),
+        }
+    }
+
+    /// The length of an internal page with these separators and `children`
+    /// children.
+    fn page_len(&self, children: usize) -> usize {
+        let keys_len = match self {
+            Separators::Page(p) => p.page_len() - PAGE_HEADER_LEN - CHILD_REF_LEN * p.children().len(),
+            Separators::Owned(keys) => keys.iter().map(|k| 1 + k.len()).sum(),
+        };
+        PAGE_HEADER_LEN + CHILD_REF_LEN * children + keys_len
+    }
+
+    /// The list, made the node's own (to change it).
+    fn owned(&mut self) -> &mut Vec<Bytes> {
+        if let Separators::Page(p) = self {
+            *self = Separators::Owned(p.separators());
+        }
+        match self {
+            Separators::Owned(keys) => keys,
+            Separators::Page(_) => unreachable!("made owned above"),
+        }
+    }
+
+    fn into_vec(self) -> Vec<Bytes> {
+        match self {
+            Separators::Page(p) => p.separators(),
+            Separators::Owned(keys) => keys,
+        }
+    }
 }
 
 /// The most changes a leaf keeps beside its clean page before it is
@@ -194,6 +250,13 @@ pub enum CommitPage {
         block: u64,
         leaf: LeafEdits,
     },
+    /// An internal page that is a clean page with new references to its
+    /// children (never the root).
+    EditedInternal {
+        block: u64,
+        base: Rc<PageView>,
+        children: Vec<ChildRef>,
+    },
 }
 
 impl CommitPage {
@@ -201,7 +264,7 @@ impl CommitPage {
     pub fn block(&self) -> u64 {
         match self {
             CommitPage::Whole(p) => p.block,
-            CommitPage::EditedLeaf { block, .. } => *block,
+            CommitPage::EditedLeaf { block, .. } | CommitPage::EditedInternal { block, .. } => *block,
         }
     }
 
@@ -219,6 +282,9 @@ impl CommitPage {
                 );
                 view
             }
+            CommitPage::EditedInternal { block, base, children } => {
+                edited_internal_view(*block, base, children, block_size)
+            }
         }
     }
 
@@ -233,12 +299,14 @@ impl CommitPage {
                 commit_blocks: 0,
                 body: PageBody::Leaf { pairs: leaf.pairs() },
             },
+            CommitPage::EditedInternal { block, base, children } => Page {
+                block: *block,
+                level: base.level,
+                commit_blocks: 0,
+                body: PageBody::Internal { keys: base.separators(), children: children.clone() },
+            },
         }
     }
-}
-
-fn child_index(keys: &[Bytes], key: &[u8]) -> usize {
-    keys.partition_point(|k| k.as_ref() <= key)
 }
 
 impl DirtyTree {
@@ -303,8 +371,8 @@ impl DirtyTree {
             DirtyBody::Edited(LeafEdits::new(page))
         } else {
             DirtyBody::Internal {
-                keys: page.separators(),
                 children: page.children().iter().map(|&c| Child::Clean(c)).collect(),
+                keys: Separators::Page(page),
             }
         };
         Ok(self.push(DirtyNode { level, body, children_merged: false }))
@@ -346,7 +414,7 @@ impl DirtyTree {
         loop {
             let slot = match &self.node(i).body {
                 DirtyBody::Leaf(_) | DirtyBody::Edited(_) => return Ok(i),
-                DirtyBody::Internal { keys, .. } => child_index(keys, key),
+                DirtyBody::Internal { keys, .. } => keys.child_index(key),
             };
             i = self.dirty_child(i, slot, cache)?;
         }
@@ -368,7 +436,7 @@ impl DirtyTree {
         while level > 0 {
             let next = match at {
                 Child::Dirty(i) => match &self.node(i).body {
-                    DirtyBody::Internal { keys, children } => children[child_index(keys, key)],
+                    DirtyBody::Internal { keys, children } => children[keys.child_index(key)],
                     DirtyBody::Leaf(_) | DirtyBody::Edited(_) => unreachable!("levels above 0 are internal"),
                 },
                 Child::Clean(r) => {
@@ -446,7 +514,7 @@ impl DirtyTree {
         match &self.node(i).body {
             DirtyBody::Leaf(pairs) => leaf_len(pairs),
             DirtyBody::Edited(leaf) => leaf.len,
-            DirtyBody::Internal { keys, children } => internal_len(keys, children.len()),
+            DirtyBody::Internal { keys, children } => keys.page_len(children.len()),
         }
     }
 
@@ -504,17 +572,22 @@ impl DirtyTree {
             }
             root = self.push(DirtyNode {
                 level: self.root_level,
-                body: DirtyBody::Internal { keys, children },
+                body: DirtyBody::Internal { keys: Separators::Owned(keys), children },
                 children_merged: false,
             });
         }
     }
 
-    /// Turns an edited leaf into its list of pairs (to split or merge it).
+    /// Turns an edited leaf into its list of pairs, and an internal node's
+    /// separators into its own list (to split or merge it).
     fn materialize(&mut self, i: usize) {
         let body = &mut self.node_mut(i).body;
-        if let DirtyBody::Edited(leaf) = body {
-            *body = DirtyBody::Leaf(leaf.pairs());
+        match body {
+            DirtyBody::Edited(leaf) => *body = DirtyBody::Leaf(leaf.pairs()),
+            DirtyBody::Internal { keys, .. } => {
+                keys.owned();
+            }
+            DirtyBody::Leaf(_) => {}
         }
     }
 
@@ -542,7 +615,7 @@ impl DirtyTree {
             let DirtyBody::Internal { keys, children } = &mut self.node_mut(i).body else { unreachable!() };
             let (seps, nodes): (Vec<Bytes>, Vec<Child>) =
                 pieces.into_iter().map(|(sep, p)| (sep, Child::Dirty(p))).unzip();
-            keys.splice(slot..slot, seps);
+            keys.owned().splice(slot..slot, seps);
             children.splice(slot + 1..slot + 1, nodes);
         }
         let len = self.node_len(i);
@@ -577,7 +650,7 @@ impl DirtyTree {
             }
             DirtyBody::Edited(_) => unreachable!("materialized above"),
             DirtyBody::Internal { keys, children } => {
-                let all_keys = std::mem::take(keys);
+                let all_keys = std::mem::take(keys.owned());
                 let all_children = std::mem::take(children);
                 let mut pieces: Vec<(Option<Bytes>, Vec<Bytes>, Vec<Child>)> =
                     vec![(None, Vec::new(), vec![all_children[0]])];
@@ -597,12 +670,12 @@ impl DirtyTree {
                 }
                 let mut it = pieces.into_iter();
                 let (_, k0, c0) = it.next().expect("first piece");
-                *keys = k0;
+                *keys = Separators::Owned(k0);
                 *children = c0;
                 it.map(|(sep, k, c)| {
                     (
                         sep.expect("later pieces have a separator"),
-                        DirtyBody::Internal { keys: k, children: c },
+                        DirtyBody::Internal { keys: Separators::Owned(k), children: c },
                     )
                 })
                 .collect()
@@ -637,7 +710,7 @@ impl DirtyTree {
         loop {
             let (a, b, sep) = match &self.node(i).body {
                 DirtyBody::Internal { keys, children } if slot + 1 < children.len() => {
-                    (children[slot], children[slot + 1], keys[slot].clone())
+                    (children[slot], children[slot + 1], keys.get(slot))
                 }
                 _ => break,
             };
@@ -662,14 +735,15 @@ impl DirtyTree {
                     DirtyBody::Internal { keys: lk, children: lc },
                     DirtyBody::Internal { keys: rk, children: rc },
                 ) => {
+                    let lk = lk.owned();
                     lk.push(sep);
-                    lk.extend(rk);
+                    lk.extend(rk.into_vec());
                     lc.extend(rc);
                 }
                 _ => unreachable!("siblings are at the same level"),
             }
             let DirtyBody::Internal { keys, children } = &mut self.node_mut(i).body else { unreachable!() };
-            keys.remove(slot);
+            keys.owned().remove(slot);
             children.remove(slot + 1);
             self.node_mut(i).children_merged = true;
             self.counts.merges += 1;
@@ -741,6 +815,7 @@ impl DirtyTree {
                 assert!(pairs.iter().all(|(k, _)| in_range(k)), "leaf key outside its parent's range");
             }
             DirtyBody::Internal { keys, children } => {
+                let keys = &keys.clone().into_vec();
                 assert!(n.level > 0, "internal level");
                 assert_eq!(keys.len() + 1, children.len(), "keys and children");
                 for w in keys.windows(2) {
@@ -796,14 +871,24 @@ impl DirtyTree {
                 return r;
             }
             DirtyBody::Internal { keys, children } => {
-                let children = children
+                let children: Vec<ChildRef> = children
                     .into_iter()
                     .map(|c| match c {
                         Child::Clean(r) => r,
                         Child::Dirty(j) => self.emit(j, next, pages),
                     })
                     .collect();
-                PageBody::Internal { keys, children }
+                match keys {
+                    Separators::Page(base) => {
+                        let block = *next;
+                        *next += 1;
+                        let len = base.page_len() as u32;
+                        let oldest_block = children.iter().map(|c| c.oldest_block).min().unwrap_or(block);
+                        pages.push(CommitPage::EditedInternal { block, base, children });
+                        return ChildRef { block, oldest_block, page_len: len };
+                    }
+                    Separators::Owned(keys) => PageBody::Internal { keys, children },
+                }
             }
         };
         let page = Page { block: *next, level: node.level, commit_blocks: 0, body };
@@ -938,6 +1023,30 @@ mod tests {
             let written = CommitPage::EditedLeaf { block: 12, leaf }.view(4096);
             let whole = Page { block: 12, level: 0, commit_blocks: 0, body: PageBody::Leaf { pairs: want } };
             prop_assert_eq!(format!("{written:?}"), format!("{:?}", PageView::of(&whole, 4096)));
+        }
+
+        /// An internal page written as its clean page with new references
+        /// (its entries copied whole, the references patched in) is the
+        /// page serialized from its separators and those references.
+        #[test]
+        fn an_internal_page_with_new_references_is_that_page_written_whole(
+            keys in proptest::collection::btree_set(key(), 0..40),
+            refs in proptest::collection::vec((1u64..1000, 1u64..1000, 24u32..4096), 41),
+            block in 1000u64..2000,
+        ) {
+            let keys: Vec<Bytes> = keys.into_iter().map(Bytes::from).collect();
+            let r = |&(block, oldest_block, page_len): &(u64, u64, u32)| ChildRef { block, oldest_block, page_len };
+            let n = keys.len() + 1;
+            let old: Vec<ChildRef> = refs[..n].iter().map(r).collect();
+            let new: Vec<ChildRef> = refs[refs.len() - n..].iter().map(r).collect();
+            let clean = Page { block: 7, level: 2, commit_blocks: 0, body: PageBody::Internal { keys: keys.clone(), children: old } };
+            let base = Rc::new(PageView::of(&clean, 4096));
+            let written = CommitPage::EditedInternal { block, base, children: new.clone() };
+            let whole = Page { block, level: 2, commit_blocks: 0, body: PageBody::Internal { keys, children: new } };
+            prop_assert_eq!(&written.to_page(), &whole);
+            let view = written.view(4096);
+            prop_assert_eq!(format!("{view:?}"), format!("{:?}", PageView::of(&whole, 4096)));
+            prop_assert_eq!(view.child_ref(), whole.child_ref());
         }
     }
 }
