@@ -53,6 +53,17 @@ struct DirtyNode {
     /// Whether two of its children were merged in this batch's rebalance
     /// (it lost a child and a separator): for the `merge_cascades` probe.
     children_merged: bool,
+    /// Whether some of its children became siblings in this batch, by a
+    /// merge of two internal nodes (the last child of one beside the first
+    /// of the other): a rebalance then checks every pair of them, clean
+    /// or not.
+    siblings_joined: bool,
+}
+
+impl DirtyNode {
+    fn new(level: u8, body: DirtyBody) -> Self {
+        DirtyNode { level, body, children_merged: false, siblings_joined: false }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +91,14 @@ enum Separators {
 }
 
 impl Separators {
+    /// The length of separator `i`.
+    fn key_len(&self, i: usize) -> usize {
+        match self {
+            Separators::Page(p) => p.key(i).len(),
+            Separators::Owned(keys) => keys[i].len(),
+        }
+    }
+
     /// Separator `i`.
     fn get(&self, i: usize) -> Bytes {
         match self {
@@ -314,7 +333,7 @@ impl DirtyTree {
     pub fn new(committed: Option<RootRef>, block_size: usize) -> Self {
         let (nodes, root, root_level) = match committed {
             None => {
-                let empty = DirtyNode { level: 0, body: DirtyBody::Leaf(Vec::new()), children_merged: false };
+                let empty = DirtyNode::new(0, DirtyBody::Leaf(Vec::new()));
                 (vec![Some(empty)], Child::Dirty(0), 0)
             }
             Some(r) => (Vec::new(), Child::Clean(r.child), r.level),
@@ -375,7 +394,7 @@ impl DirtyTree {
                 keys: Separators::Page(page),
             }
         };
-        Ok(self.push(DirtyNode { level, body, children_merged: false }))
+        Ok(self.push(DirtyNode::new(level, body)))
     }
 
     fn root_dirty(&mut self, cache: &mut PageCache) -> Result<usize, Stall> {
@@ -527,8 +546,8 @@ impl DirtyTree {
 
     /// Whether two adjacent siblings of length `a` and `b` (at `level`,
     /// with separator `sep` between them) would fit 2/3 of a block merged.
-    fn mergeable(&self, a: usize, b: usize, level: u8, sep: &Bytes) -> bool {
-        let merged = merged_len(a, b, level, sep);
+    fn mergeable(&self, a: usize, b: usize, level: u8, sep_len: usize) -> bool {
+        let merged = merged_len(a, b, level, sep_len);
         3 * merged <= 2 * self.block_size
     }
 
@@ -570,11 +589,10 @@ impl DirtyTree {
                 keys.push(sep);
                 children.push(Child::Dirty(j));
             }
-            root = self.push(DirtyNode {
-                level: self.root_level,
-                body: DirtyBody::Internal { keys: Separators::Owned(keys), children },
-                children_merged: false,
-            });
+            root = self.push(DirtyNode::new(
+                self.root_level,
+                DirtyBody::Internal { keys: Separators::Owned(keys), children },
+            ));
         }
     }
 
@@ -682,9 +700,10 @@ impl DirtyTree {
             }
         };
         self.counts.splits += pieces.len() as u64;
+        let siblings_joined = self.node(i).siblings_joined;
         pieces
             .into_iter()
-            .map(|(sep, body)| (sep, self.push(DirtyNode { level, body, children_merged: false })))
+            .map(|(sep, body)| (sep, self.push(DirtyNode { siblings_joined, ..DirtyNode::new(level, body) })))
             .collect()
     }
 
@@ -708,16 +727,25 @@ impl DirtyTree {
         let child_level = self.node(i).level - 1;
         let mut slot = 0;
         loop {
-            let (a, b, sep) = match &self.node(i).body {
+            let (a, b, sep_len) = match &self.node(i).body {
                 DirtyBody::Internal { keys, children } if slot + 1 < children.len() => {
-                    (children[slot], children[slot + 1], keys.get(slot))
+                    (children[slot], children[slot + 1], keys.key_len(slot))
                 }
                 _ => break,
             };
-            if !self.mergeable(self.child_len(a), self.child_len(b), child_level, &sep) {
+            // Two clean siblings that were siblings before are as the last
+            // commit left them, side by side with the same separator: not
+            // mergeable (every commit rebalances all it changes, and
+            // nothing else changes).
+            let both_clean = matches!((a, b), (Child::Clean(_), Child::Clean(_)));
+            if (both_clean && !self.node(i).siblings_joined)
+                || !self.mergeable(self.child_len(a), self.child_len(b), child_level, sep_len)
+            {
                 slot += 1;
                 continue;
             }
+            let DirtyBody::Internal { keys, .. } = &self.node(i).body else { unreachable!("checked above") };
+            let sep = keys.get(slot);
             let left = self.dirty_child(i, slot, cache)?;
             let right = self.dirty_child(i, slot + 1, cache)?;
             self.materialize(left);
@@ -729,6 +757,7 @@ impl DirtyTree {
             // that propagated up from the level below.
             let cascade = child_level > 0 && (self.node(left).children_merged || right_node.children_merged);
             self.node_mut(left).children_merged |= right_node.children_merged;
+            self.node_mut(left).siblings_joined |= child_level > 0;
             match (&mut self.node_mut(left).body, right_node.body) {
                 (DirtyBody::Leaf(l), DirtyBody::Leaf(r)) => l.extend(r),
                 (
@@ -825,7 +854,7 @@ impl DirtyTree {
                 for s in 0..children.len().saturating_sub(1) {
                     let (a, b) = (self.child_len(children[s]), self.child_len(children[s + 1]));
                     assert!(
-                        !self.mergeable(a, b, n.level - 1, &keys[s]),
+                        !self.mergeable(a, b, n.level - 1, keys[s].len()),
                         "adjacent siblings of {a} and {b} bytes fit 2/3 of a block merged"
                     );
                 }
@@ -932,11 +961,11 @@ fn decide<'r>(req: &'r KvldsRequest, current: Option<&[u8]>) -> (bool, Option<Op
 }
 
 /// The length of two adjacent siblings of lengths `a` and `b` at `level`
-/// merged (an internal merge takes the separator between them).
-pub fn merged_len(a: usize, b: usize, level: u8, sep: &Bytes) -> usize {
+/// merged (an internal merge takes the separator between them, `sep_len` bytes).
+pub fn merged_len(a: usize, b: usize, level: u8, sep_len: usize) -> usize {
     let merged = a + b - PAGE_HEADER_LEN;
     if level > 0 {
-        merged + 1 + sep.len()
+        merged + 1 + sep_len
     } else {
         merged
     }
