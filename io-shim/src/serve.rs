@@ -82,7 +82,8 @@ pub async fn serve(opts: ServeOptions) -> Result<ExitReason, String> {
             upstream: None,
             // Its one client is kvlds: when kvlds stops, so does lbs.
             exit_after_one_connection: true,
-            read_chunk_bytes_max: crate::conn::BULK_READ_CHUNK_BYTES_MAX,
+            // Reads from the in-memory pipe get at most what it buffers.
+            read_chunk_bytes_max: PIPE_BUFFER_BYTES,
             on_ready: None,
         },
     );

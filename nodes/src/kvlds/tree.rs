@@ -545,7 +545,8 @@ impl DirtyTree {
     }
 
     /// Whether two adjacent siblings of length `a` and `b` (at `level`,
-    /// with separator `sep` between them) would fit 2/3 of a block merged.
+    /// with a separator of `sep_len` bytes between them) would fit 2/3 of a
+    /// block merged.
     fn mergeable(&self, a: usize, b: usize, level: u8, sep_len: usize) -> bool {
         let merged = merged_len(a, b, level, sep_len);
         3 * merged <= 2 * self.block_size
@@ -1060,14 +1061,15 @@ mod tests {
         #[test]
         fn an_internal_page_with_new_references_is_that_page_written_whole(
             keys in proptest::collection::btree_set(key(), 0..40),
-            refs in proptest::collection::vec((1u64..1000, 1u64..1000, 24u32..4096), 41),
+            old_refs in proptest::collection::vec((1u64..1000, 1u64..1000, 24u32..4096), 41),
+            new_refs in proptest::collection::vec((1u64..1000, 1u64..1000, 24u32..4096), 41),
             block in 1000u64..2000,
         ) {
             let keys: Vec<Bytes> = keys.into_iter().map(Bytes::from).collect();
             let r = |&(block, oldest_block, page_len): &(u64, u64, u32)| ChildRef { block, oldest_block, page_len };
             let n = keys.len() + 1;
-            let old: Vec<ChildRef> = refs[..n].iter().map(r).collect();
-            let new: Vec<ChildRef> = refs[refs.len() - n..].iter().map(r).collect();
+            let old: Vec<ChildRef> = old_refs[..n].iter().map(r).collect();
+            let new: Vec<ChildRef> = new_refs[..n].iter().map(r).collect();
             let clean = Page { block: 7, level: 2, commit_blocks: 0, body: PageBody::Internal { keys: keys.clone(), children: old } };
             let base = Rc::new(PageView::of(&clean, 4096));
             let written = CommitPage::EditedInternal { block, base, children: new.clone() };
