@@ -14,10 +14,6 @@ use kivaloo_sim::runner::{replay_command, run_seed_with, scenario_files, sweep};
 use kivaloo_sim::scenario::Scenario;
 use kivaloo_sim::shrink::shrink;
 
-/// jemalloc rather than the system's malloc: see the crate's manifest.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 #[derive(Parser)]
 #[command(name = "kivaloo-sim", version, about = "The deterministic simulator of kivaloo")]
 struct Cli {
