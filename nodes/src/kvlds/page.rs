@@ -40,6 +40,12 @@ const FLAG_ROOT: u8 = 1;
 /// any store holds.
 pub const LEVEL_MAX: u8 = 32;
 
+/// The lowest block number in the subtree of an internal page in `block`
+/// with `children` (its own block if it has none).
+pub fn oldest_of(children: &[ChildRef], block: u64) -> u64 {
+    children.iter().map(|c| c.oldest_block).min().unwrap_or(block)
+}
+
 /// Where a parent finds a child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChildRef {
@@ -50,6 +56,17 @@ pub struct ChildRef {
     pub oldest_block: u64,
     /// The child page's length in bytes (header and entries).
     pub page_len: u32,
+}
+
+impl ChildRef {
+    /// Its bytes in a parent page: block, oldest block, page length.
+    fn encoded(&self) -> [u8; CHILD_REF_LEN] {
+        let mut b = [0u8; CHILD_REF_LEN];
+        b[..8].copy_from_slice(&self.block.to_be_bytes());
+        b[8..16].copy_from_slice(&self.oldest_block.to_be_bytes());
+        b[16..].copy_from_slice(&self.page_len.to_be_bytes());
+        b
+    }
 }
 
 /// The contents of a node.
@@ -92,9 +109,7 @@ impl Page {
     pub fn oldest_block(&self) -> u64 {
         match &self.body {
             PageBody::Leaf { .. } => self.block,
-            PageBody::Internal { children, .. } => {
-                children.iter().map(|c| c.oldest_block).min().unwrap_or(self.block)
-            }
+            PageBody::Internal { children, .. } => oldest_of(children, self.block),
         }
     }
 
@@ -189,9 +204,7 @@ fn serialize_noting_keys(page: &Page, block_size: usize, key_offsets: &mut Vec<u
                     key_offsets.push(out.len() as u32);
                     out.put_slice(&keys[i - 1]);
                 }
-                out.put_u64(c.block);
-                out.put_u64(c.oldest_block);
-                out.put_u32(c.page_len);
+                out.put_slice(&c.encoded());
             }
         }
     }
@@ -322,11 +335,9 @@ pub fn edited_internal_view(
                 key_at + usize::from(base.data[key_at - 1])
             }
         };
-        out[at..at + 8].copy_from_slice(&c.block.to_be_bytes());
-        out[at + 8..at + 16].copy_from_slice(&c.oldest_block.to_be_bytes());
-        out[at + 16..at + CHILD_REF_LEN].copy_from_slice(&c.page_len.to_be_bytes());
+        out[at..at + CHILD_REF_LEN].copy_from_slice(&c.encoded());
     }
-    let oldest_block = children.iter().map(|c| c.oldest_block).min().unwrap_or(block);
+    let oldest_block = oldest_of(children, block);
     PageView {
         block,
         level: base.level,
@@ -677,7 +688,7 @@ pub fn parse(data: Bytes, block: u64, block_size: usize) -> Result<PageView, Pag
             }
             children.push(c);
         }
-        children.iter().map(|c| c.oldest_block).min().unwrap_or(block)
+        oldest_of(&children, block)
     };
     if data[cur.pos..].iter().any(|&b| b != 0) {
         return Err(PageError::Malformed("bytes after the last entry"));

@@ -22,8 +22,8 @@ use kivaloo::kvlds_proto::KvldsRequest;
 
 use super::cache::PageCache;
 use super::page::{
-    edited_internal_view, edited_leaf_view, leaf_len, pair_len, ChildRef, Page, PageBody, PageView,
-    CHILD_REF_LEN, PAGE_HEADER_LEN,
+    edited_internal_view, edited_leaf_view, leaf_len, oldest_of, pair_len, ChildRef, Page, PageBody,
+    PageView, CHILD_REF_LEN, PAGE_HEADER_LEN,
 };
 
 /// Why an operation on the tree could not finish now.
@@ -913,7 +913,7 @@ impl DirtyTree {
                         let block = *next;
                         *next += 1;
                         let len = base.page_len() as u32;
-                        let oldest_block = children.iter().map(|c| c.oldest_block).min().unwrap_or(block);
+                        let oldest_block = oldest_of(&children, block);
                         pages.push(CommitPage::EditedInternal { block, base, children });
                         return ChildRef { block, oldest_block, page_len: len };
                     }
